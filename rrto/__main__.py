@@ -1,0 +1,107 @@
+"""``python -m rrto [options] app.py [args]``: run an unmodified CUDA app with its ops offloaded."""
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+import traceback
+
+from .config import MODE_HELP, MODES
+
+EPILOG = """\
+environment: RRTO_SERVER, RRTO_MODE, RRTO_STATS, RRTO_TIMEOUT, RRTO_PROGRESS set the same
+options; command-line options win.
+
+modes:
+""" + "\n".join(f"  {m:6} {MODE_HELP[m]}" for m in MODES) + """
+
+examples:
+  python -m rrto examples/camera_loop.py            # embedded local server
+  python -m rrto --server tcp://edge:5555 app.py --fps 30
+  python -m rrto --mode rpc --stats rpc.json app.py"""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m rrto", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Run a PyTorch app written for CUDA with its operators executed on an rrto-server. "
+                    "The app is not modified and does not import rrto.")
+    p.add_argument("--server", metavar="URL",
+                   help="rrto-server to use, e.g. tcp://edge:5555 (default: start an embedded local server)")
+    p.add_argument("--mode", choices=MODES, help="how ops reach the server (default: eager)")
+    p.add_argument("--stats", metavar="PATH", help="write counters as JSON to PATH when the app exits")
+    p.add_argument("--timeout", type=float, metavar="S", help="seconds to wait for any server reply (default 30)")
+    p.add_argument("--progress", action="store_true", default=None,
+                   help="print messages and bytes per torch.cuda.synchronize() call")
+    p.add_argument("--quiet", action="store_true", help="no summary line at exit")
+    p.add_argument("-m", dest="module", metavar="MODULE", help="run a module as a script (like python -m)")
+    p.add_argument("script", nargs="?", help="the app to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the app's own arguments")
+    ns = p.parse_args(argv)
+    if ns.module and ns.script:
+        ns.args, ns.script = [ns.script, *ns.args], None
+    if not ns.module and not ns.script:
+        p.error("name the app to run, e.g. python -m rrto app.py")
+    return ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(sys.argv[1:] if argv is None else argv)
+    if ns.script and not os.path.exists(ns.script):
+        print(f"rrto: no such file: {ns.script}", file=sys.stderr)
+        return 2
+    import rrto  # after argument errors, so --help stays fast
+
+    try:
+        rrto.enable(ns.server, ns.mode, stats=ns.stats, timeout=ns.timeout, progress=ns.progress)
+    except (rrto.RrtoError, ValueError) as e:
+        print(f"rrto: {e}", file=sys.stderr)
+        return 2
+    offload = rrto.current()
+    code = 0
+    try:
+        if ns.module:
+            sys.argv = [ns.module, *ns.args]
+            runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = [ns.script, *ns.args]
+            sys.path.insert(0, os.path.dirname(os.path.abspath(ns.script)))
+            runpy.run_path(ns.script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException as e:  # noqa: BLE001 - report like python would, without our frames
+        tb = e.__traceback__
+        while tb is not None and not _is_app_frame(tb):
+            tb = tb.tb_next
+        traceback.print_exception(type(e), e, tb)
+        code = 1
+    finally:
+        stats = offload.stats
+        rrto.disable()
+        if not ns.quiet:
+            print(summary(stats.snapshot()), file=sys.stderr)
+    return code
+
+
+def _is_app_frame(tb) -> bool:
+    f = tb.tb_frame.f_code.co_filename
+    return not (f.endswith("runpy.py") or f == __file__)
+
+
+def summary(s: dict) -> str:
+    if s["mode"] == "local":
+        return "rrto: local mode (no offload)"
+    where = f"{s['server']}" + (" (embedded)" if s["embedded_server"] else "")
+    return (f"rrto: {s['mode']} mode via {where}, server {s['server_device']} torch {s['server_torch']}: "
+            f"{s['ops_intercepted']} ops, {s['messages_sent']} messages, {s['round_trips']} round trips, "
+            f"{s['bytes_sent'] / 1e6:.1f} MB up, {s['bytes_received'] / 1e6:.1f} MB down, "
+            f"{s['wall_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

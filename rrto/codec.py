@@ -1,0 +1,238 @@
+"""The one wire format of rrto: a JSON header plus raw tensor frames.
+
+A message is a list of zmq frames: ``[header, frame0, frame1, ...]``. The header is
+a small JSON object (type ``"t"``, session ``"s"``, op name, arguments); tensors
+never go through JSON, they travel as raw bytes in their own frames and the header
+describes them (``{"dt": "float32", "sh": [...], "st": [...]}``). Nothing here can
+execute code: decoding only ever builds numbers, strings, lists and tensors.
+
+Values inside op arguments are JSON, except these one-key markers:
+
+=================  =========================================================
+``{"h": 7}``       the session's remote tensor with handle 7
+``{"i": 0}``       tensor carried inline in frame 0 of this message
+``{"dt": "f32"}``  a ``torch.dtype`` (by name, e.g. ``"float32"``)
+``{"dev": "r"}``   the remote device (the server's cuda or cpu)
+``{"mf": name}``   a ``torch.memory_format``
+``{"ly": name}``   a ``torch.layout``
+``{"c": [re,im]}`` a complex number
+=================  =========================================================
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import torch
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+MAX_DIMS = 32
+
+_DTYPE_NAMES = [
+    "float32", "float64", "float16", "bfloat16", "complex64", "complex128",
+    "int8", "int16", "int32", "int64", "uint8", "bool",
+    "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2",
+]
+DTYPES: dict[str, torch.dtype] = {n: getattr(torch, n) for n in _DTYPE_NAMES if hasattr(torch, n)}
+DTYPE_NAMES: dict[torch.dtype, str] = {d: n for n, d in DTYPES.items()}
+MEMORY_FORMATS = {
+    "contiguous_format": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+    "channels_last_3d": torch.channels_last_3d,
+    "preserve_format": torch.preserve_format,
+}
+MEMORY_FORMAT_NAMES = {v: k for k, v in MEMORY_FORMATS.items()}
+LAYOUTS = {"strided": torch.strided}
+LAYOUT_NAMES = {v: k for k, v in LAYOUTS.items()}
+REMOTE_DEVICE = {"dev": "r"}
+
+
+class CodecError(ValueError):
+    """A message that does not follow the wire format."""
+
+
+# -- headers -------------------------------------------------------------------
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
+def pack(header: dict, frames: list = ()) -> list:
+    """The frames of one message: the encoded header first, then the raw frames."""
+    return [_dumps(header).encode(), *frames]
+
+
+def unpack(frames: list) -> tuple[dict, list]:
+    """Split a received message into its header (a dict) and its tensor frames."""
+    if not frames:
+        raise CodecError("empty message")
+    raw = frames[0]
+    raw = raw.bytes if hasattr(raw, "bytes") else bytes(raw)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise CodecError(f"header of {len(raw)} bytes is over the {MAX_HEADER_BYTES}-byte limit")
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise CodecError(f"header is not valid JSON ({str(e)[:80]})") from None
+    if not isinstance(header, dict):
+        raise CodecError("header is not a JSON object")
+    return header, list(frames[1:])
+
+
+# -- tensors as frames ---------------------------------------------------------
+
+def contiguous_strides(shape) -> list[int]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return strides[::-1]
+
+
+def is_dense(shape, stride) -> bool:
+    """True when the elements fill one gap-free block of memory (any dim order)."""
+    acc = 1
+    for n, s in sorted(((n, s) for n, s in zip(shape, stride) if n != 1), key=lambda p: p[1]):
+        if s != acc:
+            return False
+        acc *= n
+    return True
+
+
+def tensor_frame(t: torch.Tensor) -> tuple[dict, memoryview, bool]:
+    """(descriptor, bytes, private) for a CPU tensor, without copying when it is dense.
+
+    ``private`` says the bytes are a fresh copy nobody else can modify; when False the
+    buffer aliases the caller's tensor, which must not change until the frame is sent.
+    """
+    t = t.detach()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    shape, n = list(t.shape), t.numel()
+    private = False
+    if is_dense(shape, t.stride()):
+        stride = list(t.stride())
+        flat = t.as_strided((n,), (1,), t.storage_offset())
+    else:
+        t = t.contiguous()
+        stride, flat, private = contiguous_strides(shape), t.view(-1), True
+    buf = memoryview(flat.view(torch.uint8).numpy()) if n else memoryview(b"")
+    return {"dt": DTYPE_NAMES[t.dtype], "sh": shape, "st": stride}, buf, private
+
+
+def frame_tensor(desc: Any, frame: Any, max_bytes: int) -> torch.Tensor:
+    """The CPU tensor a frame carries, validated against its descriptor (zero-copy)."""
+    if not isinstance(desc, dict):
+        raise CodecError("tensor descriptor is not an object")
+    dtype, shape, stride = dtype_of(desc.get("dt")), desc.get("sh"), desc.get("st")
+    if stride is None and isinstance(shape, list):
+        stride = contiguous_strides(shape)
+    if not (_int_list(shape) and _int_list(stride) and len(shape) == len(stride) <= MAX_DIMS):
+        raise CodecError("tensor descriptor needs integer lists 'sh' and 'st' of equal length")
+    if any(n < 0 for n in shape) or any(s < 0 for s in stride) or not is_dense(shape, stride):
+        raise CodecError(f"tensor layout sh={shape} st={stride} is not a dense layout")
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * dtype.itemsize
+    if nbytes > max_bytes:
+        raise CodecError(f"tensor of {nbytes} bytes is over the {max_bytes}-byte limit")
+    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    if buf.nbytes != nbytes:
+        raise CodecError(f"frame has {buf.nbytes} bytes but a {dtype_name(dtype)} tensor of shape {shape} needs {nbytes}")
+    if numel == 0:
+        return torch.empty_strided(shape, stride, dtype=dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).as_strided(shape, stride)
+
+
+def _int_list(x) -> bool:
+    return isinstance(x, list) and all(type(i) is int for i in x)
+
+
+def dtype_of(name: Any) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise CodecError(f"unknown dtype {name!r}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise CodecError(f"dtype {dtype} cannot travel over the wire") from None
+
+
+# -- op arguments --------------------------------------------------------------
+
+def encode_value(x: Any, tensor: Callable[[torch.Tensor], dict]) -> Any:
+    """JSON form of an op argument; ``tensor`` turns each tensor into its marker."""
+    if x is None or type(x) in (bool, int, float, str):
+        return x
+    if isinstance(x, torch.Tensor):
+        return tensor(x)
+    if isinstance(x, (list, tuple)):
+        return [encode_value(y, tensor) for y in x]
+    if isinstance(x, torch.dtype):
+        return {"dt": dtype_name(x)}
+    if isinstance(x, torch.device):
+        if x.type in ("cuda", "meta"):
+            return REMOTE_DEVICE
+        raise CodecError(f"device {x} cannot be named in a remote op")
+    if isinstance(x, torch.memory_format):
+        return {"mf": MEMORY_FORMAT_NAMES[x]}
+    if isinstance(x, torch.layout):
+        if x in LAYOUT_NAMES:
+            return {"ly": LAYOUT_NAMES[x]}
+        raise CodecError(f"layout {x} is not supported by rrto")
+    if isinstance(x, complex):
+        return {"c": [x.real, x.imag]}
+    if isinstance(x, bool):
+        return bool(x)
+    if isinstance(x, int):  # int subclasses such as IntEnum or numpy ints
+        return int(x)
+    if isinstance(x, float):
+        return float(x)
+    raise CodecError(f"an argument of type {type(x).__name__} cannot travel over the wire")
+
+
+def decode_value(x: Any, handle: Callable[[int], Any], inline: Callable[[int], Any], device: Any) -> Any:
+    """Python value of an encoded op argument, resolving markers through the callbacks."""
+    if x is None or type(x) in (bool, int, float, str):
+        return x
+    if type(x) is list:
+        return [decode_value(y, handle, inline, device) for y in x]
+    if type(x) is dict and len(x) == 1:
+        (k, v), = x.items()
+        if k == "h" and type(v) is int:
+            return handle(v)
+        if k == "i" and type(v) is int:
+            return inline(v)
+        if k == "dt":
+            return dtype_of(v)
+        if k == "dev" and v == "r":
+            return device
+        if k == "mf" and v in MEMORY_FORMATS:
+            return MEMORY_FORMATS[v]
+        if k == "ly" and v in LAYOUTS:
+            return LAYOUTS[v]
+        if k == "c" and type(v) is list and len(v) == 2 and all(type(p) in (int, float) for p in v):
+            return complex(v[0], v[1])
+    raise CodecError(f"malformed argument {json.dumps(x)[:80]}")
+
+
+def encode_result(x: Any) -> Any:
+    """JSON form of a non-tensor op result (``item()``, ``equal``...)."""
+    if isinstance(x, complex):
+        return {"c": [x.real, x.imag]}
+    if isinstance(x, (list, tuple)):
+        return [encode_result(y) for y in x]
+    return x
+
+
+def decode_result(x: Any) -> Any:
+    if type(x) is dict and "c" in x:
+        return complex(*x["c"])
+    if type(x) is list:
+        return [decode_result(y) for y in x]
+    return x

@@ -1,0 +1,55 @@
+"""Settings of one offload: explicit arguments first, then RRTO_* environment variables."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+MODES = ("local", "eager", "rpc")
+MODE_HELP = {
+    "local": "no offload: 'cuda' is the robot's own CPU (for comparison)",
+    "eager": "every op streams to the server; the robot waits only for data it needs",
+    "rpc": "every op waits for the server's reply (the classic per-call remoting baseline)",
+}
+
+
+@dataclass
+class Config:
+    server: str | None = None  # None: start an embedded local server
+    mode: str = "eager"
+    stats: str | None = None  # path of the JSON stats file written at exit
+    timeout: float = 30.0  # seconds to wait for any reply before raising LinkError
+    progress: bool = False  # print a line per torch.cuda.synchronize()
+
+    @classmethod
+    def resolve(cls, **given) -> "Config":
+        """Config from the given values, falling back to RRTO_<NAME> variables, then defaults."""
+        values = {}
+        for f in fields(cls):
+            v = given.get(f.name)
+            if v is None:
+                v = os.environ.get("RRTO_" + f.name.upper()) or None
+                if v is not None and f.name == "timeout":
+                    v = float(v)
+                if v is not None and f.name == "progress":
+                    v = v.lower() not in ("0", "false", "no", "")
+            if v is not None:
+                values[f.name] = v
+        cfg = cls(**values)
+        if cfg.mode not in MODES:
+            raise ValueError(f"unknown rrto mode {cfg.mode!r}; choose one of: {', '.join(MODES)}")
+        if cfg.server is not None:
+            cfg.server = normalize_url(cfg.server)
+        if not cfg.timeout > 0:
+            raise ValueError(f"rrto timeout must be a positive number of seconds, not {cfg.timeout!r}")
+        return cfg
+
+
+def normalize_url(url: str) -> str:
+    """'host:port' and 'tcp://host:port' both name a TCP endpoint; ipc:// passes through."""
+    if "://" not in url:
+        if ":" not in url:
+            raise ValueError(f"server address {url!r} needs a port, e.g. tcp://{url}:5555")
+        url = "tcp://" + url
+    if not url.startswith(("tcp://", "ipc://")):
+        raise ValueError(f"server address {url!r} must start with tcp:// or ipc://")
+    return url

@@ -1,0 +1,1 @@
+"""The virtual cuda device: RemoteTensor, the torch modes, torch.cuda answers, and launch."""

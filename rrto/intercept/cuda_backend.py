@@ -1,0 +1,106 @@
+"""The virtual device's backend: what torch reaches when an op runs "on cuda".
+
+Two pieces make a CPU-only torch behave like a one-GPU build up to the dispatcher:
+
+* a device guard for the CUDA device type (``native/cuda_guard.cpp``, compiled once
+  per torch version). torch's C++ opens one around indexing and tensor construction
+  before dispatching anything; a CPU-only build has none and fails there.
+* a Python fallback kernel at the CUDA dispatch key. Every op that reaches the CUDA
+  backend lands in it: tensor-less factories (``torch.zeros(3, device="cuda")`` and
+  the ``empty`` tensors C++ composites make from a cuda tensor's options) and the C++
+  paths that exclude Python dispatch (``x[[0, 2]]`` builds its index tensor that way).
+  Ops on RemoteTensors normally arrive earlier, through their ``__torch_dispatch__``;
+  ``copy_`` is the one C++ applies to them with Python dispatch excluded.
+  Unlike a dispatch mode, the fallback costs nothing for the app's CPU ops and is not
+  per thread.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE_NAME = "cuda_guard.cpp"
+_guard_lib: ctypes.CDLL | None = None
+
+
+def _source() -> Path | None:
+    for folder in (Path(__file__).resolve().parents[2] / "native", Path(sys.prefix) / "share" / "rrto" / "native"):
+        if (folder / _SOURCE_NAME).exists():
+            return folder / _SOURCE_NAME
+    return None
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rrto"
+
+
+def build_guard() -> Path:
+    """The compiled guard library for this torch, building it on first use (about a second)."""
+    src = _source()
+    if src is None:
+        raise RuntimeError(f"the source {_SOURCE_NAME} is missing from this rrto installation")
+    torch_dir = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    tag = hashlib.sha1(src.read_bytes() + f"{torch.__version__}{torch_dir}{abi}".encode()).hexdigest()[:16]
+    out = _cache_dir() / f"cuda_guard-{tag}.so"
+    if out.exists():
+        return out
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+           f"-I{torch_dir / 'include'}", str(src), f"-L{torch_dir / 'lib'}", "-lc10",
+           f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(tmp)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"compiling {src} failed:\n{res.stderr[-2000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def _load_guard() -> None:
+    global _guard_lib
+    if _guard_lib is None:
+        _guard_lib = ctypes.CDLL(str(build_guard()))
+    _guard_lib.rrto_register_cuda_guard()
+
+
+def install(runtime) -> callable:
+    """Route the CUDA backend to ``runtime``; returns the function that undoes it."""
+    try:
+        _load_guard()
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"rrto could not set up its cuda device guard ({e}); indexing cuda tensors "
+                      "(x[0], x[mask]) will fail with 'PyTorch is not linked with support for cuda devices'.",
+                      RuntimeWarning, stacklevel=3)
+
+    def fallback(op, *args, **kwargs):
+        return runtime.call(op, args, kwargs)
+
+    def copy_(dst, src, non_blocking=False):
+        return runtime.call(torch.ops.aten.copy_.default, (dst, src), {"non_blocking": non_blocking})
+
+    libs = [torch.library.Library("_", "IMPL"), torch.library.Library("aten", "IMPL")]
+    libs[0].fallback(fallback, "CUDA")
+    # copy_ has a composite kernel, which wins over a fallback and would end in a missing
+    # CUDA kernel; it is the op C++ uses on our tensors with Python dispatch excluded.
+    libs[1].impl("copy_", copy_, "CUDA")
+
+    def uninstall() -> None:
+        for lib in libs:
+            lib._destroy()
+        if _guard_lib is not None:
+            _guard_lib.rrto_unregister_cuda_guard()
+
+    return uninstall

@@ -1,0 +1,201 @@
+"""Turning the virtual cuda device on and off: ``rrto.enable()``, ``rrto.disable()``, ``rrto.offload()``.
+
+Enabling connects to the server (or starts an embedded one on a free loopback port),
+patches ``torch.cuda``, routes the CUDA backend to the runtime, and pushes the device
+function mode onto the calling thread. Torch modes are per thread, so threads started
+while rrto is enabled get it too: a ROS executor or a camera thread calling
+``.cuda()`` sees the same virtual device as the main thread.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import re
+import selectors
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..errors import LinkError, RrtoError
+from ..stats import Stats
+from ..transport import Link
+from . import cuda_backend, cuda_shim
+from .modes import DeviceFunctionMode
+from .runtime import Runtime
+
+_active: "Offload | None" = None
+_enable_lock = threading.Lock()
+_original_bootstrap = threading.Thread._bootstrap_inner
+
+
+class EmbeddedServer:
+    """An rrto-server child process on a free loopback port, stopped with the robot."""
+
+    def __init__(self, start_timeout: float = 120.0):
+        root = Path(__file__).resolve().parents[2]  # the folder holding rrto/ and server/
+        cmd = [sys.executable, "-m", "server", "--listen", "tcp://127.0.0.1:0", "--exit-with-parent",
+               "--log-level", "warning"]
+        # cwd=root: `-m server` must find our server package, not a server.py of the app's.
+        self.proc = subprocess.Popen(cmd, cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        self.url = self._wait_ready(start_timeout)
+
+    def _wait_ready(self, timeout: float) -> str:
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        line = ""
+        while time.monotonic() < deadline and not line:
+            if sel.select(timeout=0.2):
+                line = self.proc.stdout.readline()
+                if not line:
+                    break  # the server exited before it was ready
+            elif self.proc.poll() is not None:
+                break
+        sel.close()
+        m = re.search(r"listening on (\S+)", line)
+        if not m:
+            self.stop()
+            raise LinkError("the embedded rrto server did not start (see its messages above); "
+                            "run `rrto-server --device cpu` yourself to see why, and pass --server")
+        return m.group(1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+class Offload:
+    """One enabled period: its settings, counters, connection and the modes it pushed."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.stats = Stats(mode=config.mode, robot_torch=torch.__version__)
+        self.embedded: EmbeddedServer | None = None
+        self.link: Link | None = None
+        self.runtime: Runtime | None = None
+        info: dict = {"device_name": "rrto local (robot cpu)"}
+        if config.mode != "local":
+            url = config.server
+            if url is None:
+                self.embedded = EmbeddedServer()
+                url = self.embedded.url
+            self.stats.server, self.stats.embedded_server = url, self.embedded is not None
+            try:
+                self.link = Link(url, config.timeout, self.stats)
+                info = self.link.hello({"torch": torch.__version__, "mode": config.mode,
+                                        "python": sys.version.split()[0]})
+            except BaseException:
+                self._close_link()
+                raise
+            self.stats.server_torch, self.stats.server_device = info.get("torch", ""), info.get("device", "")
+            self.runtime = Runtime(config, self.link, info, self.stats)
+        self.restore_cuda = cuda_shim.install(self.runtime, info)
+        self.restore_backend = cuda_backend.install(self.runtime) if self.runtime is not None else (lambda: None)
+        self.thread = threading.get_ident()
+        self.modes = self.push_modes()
+
+    def push_modes(self) -> list:
+        modes = [DeviceFunctionMode(local=self.runtime is None)]
+        for m in modes:
+            m.__enter__()
+        return modes
+
+    @staticmethod
+    def pop_modes(modes: list) -> None:
+        for m in reversed(modes):
+            m.__exit__(None, None, None)
+
+    def close(self) -> None:
+        try:
+            if threading.get_ident() == self.thread:
+                self.pop_modes(self.modes)
+            else:
+                warnings.warn("rrto.disable() called from another thread than rrto.enable(); "
+                              "the enabling thread keeps its torch modes", RuntimeWarning, stacklevel=3)
+            self.restore_cuda()
+            self.restore_backend()
+            if self.runtime is not None:
+                try:
+                    self.runtime.close()
+                except LinkError as e:
+                    print(f"rrto: could not close the session cleanly: {e}", file=sys.stderr)
+        finally:
+            self._close_link()
+            if self.config.stats:
+                self.stats.write(self.config.stats)
+
+    def _close_link(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def _bootstrap_inner(thread):
+    offload = _active
+    if offload is None:
+        return _original_bootstrap(thread)
+    modes = offload.push_modes()
+    try:
+        return _original_bootstrap(thread)
+    finally:
+        offload.pop_modes(modes)
+
+
+def enable(server: str | None = None, mode: str | None = None, *, stats: str | None = None,
+           timeout: float | None = None, progress: bool | None = None) -> None:
+    """Make "cuda" mean rrto's virtual device in this process.
+
+    ``server``: ``tcp://host:port`` of an ``rrto-server``; None starts an embedded one.
+    ``mode``: ``eager`` (default), ``rpc`` or ``local``. Unset arguments fall back to
+    the ``RRTO_SERVER``, ``RRTO_MODE``, ``RRTO_STATS``, ``RRTO_TIMEOUT`` variables.
+    """
+    global _active
+    with _enable_lock:
+        if _active is not None:
+            raise RrtoError("rrto is already enabled; call rrto.disable() first")
+        config = Config.resolve(server=server, mode=mode, stats=stats, timeout=timeout, progress=progress)
+        _active = Offload(config)
+        threading.Thread._bootstrap_inner = _bootstrap_inner
+
+
+def disable() -> None:
+    """Undo ``enable()``: close the session, stop an embedded server, write the stats file."""
+    global _active
+    with _enable_lock:
+        offload, _active = _active, None
+        if offload is None:
+            return
+        threading.Thread._bootstrap_inner = _original_bootstrap
+        offload.close()
+
+
+@contextlib.contextmanager
+def offload(server: str | None = None, mode: str | None = None, **kwargs):
+    """``with rrto.offload(...):`` enables rrto for the block and disables it after."""
+    enable(server, mode, **kwargs)
+    try:
+        yield current()
+    finally:
+        disable()
+
+
+def current() -> Offload | None:
+    """The enabled offload, if any (its ``stats`` and ``config``)."""
+    return _active
+
+
+atexit.register(disable)

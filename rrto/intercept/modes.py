@@ -1,0 +1,82 @@
+"""The torch function mode that makes "cuda" in Python calls mean rrto's virtual device.
+
+It handles the few calls that would touch C++ CUDA before any aten op exists:
+``.cuda()``, ``.to("cuda")`` and data factories such as ``torch.tensor(data,
+device="cuda")``; everything else passes through. The ops themselves reach the
+runtime through RemoteTensor's ``__torch_dispatch__`` and the CUDA-key fallback
+(``cuda_backend``). In local mode the mode rewrites "cuda" to "cpu" and that is all.
+"""
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .remote_tensor import CUDA0, RemoteTensor
+
+aten = torch.ops.aten
+_DATA_FACTORIES = {torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor}
+_CPU = torch.device("cpu")
+
+
+def _is_cuda(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int)  # a bare index means a cuda device, as in torch
+
+
+class DeviceFunctionMode(TorchFunctionMode):
+    """Routes the Python calls that name the cuda device to rrto (or to the CPU, in local mode)."""
+
+    def __init__(self, local: bool):
+        super().__init__()
+        self.local = local
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return self._cuda(*args, **kwargs)
+        if func is torch.Tensor.to:
+            return self._to(args, kwargs)
+        if func is torch.Tensor.pin_memory:
+            return args[0]  # no page-locked memory without CUDA; a plain CPU tensor uploads the same
+        if func is torch._has_compatible_shallow_copy_type and (type(args[0]) is RemoteTensor) != (
+                type(args[1]) is RemoteTensor):
+            # Else Module.cuda() would graft the remote tensor into the CPU Parameter (param.data = x),
+            # a Parameter without a handle; this way _apply makes new remote Parameters.
+            return False
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            if self.local:
+                return func(*args, **{**kwargs, "device": _CPU})
+            if func in _DATA_FACTORIES:
+                cpu = func(*args, **{**kwargs, "device": _CPU})
+                return aten._to_copy.default(cpu, device=CUDA0)
+        return func(*args, **kwargs)
+
+    def _cuda(self, t, device=None, non_blocking=False, memory_format=torch.preserve_format):
+        if self.local or type(t) is RemoteTensor:
+            return t
+        return aten._to_copy.default(t, device=CUDA0, non_blocking=non_blocking, memory_format=memory_format)
+
+    def _to(self, args, kwargs):
+        t = args[0]
+        device, dtype, non_blocking, copy_, memory_format = _parse_to(args[1:], kwargs)
+        if not _is_cuda(device):
+            return torch.Tensor.to(*args, **kwargs)
+        if self.local:
+            return t.to(_CPU, dtype, non_blocking, copy_, memory_format=memory_format or torch.preserve_format)
+        if type(t) is RemoteTensor and not copy_:
+            return t if dtype in (None, t.dtype) else aten._to_copy.default(t, dtype=dtype)
+        return aten._to_copy.default(t, dtype=dtype, device=CUDA0, non_blocking=non_blocking,
+                                     memory_format=memory_format)
+
+
+def _parse_to(args, kwargs):
+    """(device, dtype, non_blocking, copy, memory_format) of any Tensor.to(...) call form."""
+    bools = [a for a in args if isinstance(a, bool)]  # non_blocking, then copy, in every form
+    copy_ = kwargs.get("copy", bools[1] if len(bools) > 1 else False)
+    device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+    return device, dtype, non_blocking, copy_, memory_format

@@ -1,0 +1,340 @@
+"""The robot's side of an offload: every aten op on the virtual cuda device comes here.
+
+For each op the runtime needs the outputs' metadata without waiting for the server.
+It runs the op's meta kernel on metadata-only tensors once per signature (shapes,
+strides, dtypes and scalar arguments) and caches the resulting *plan*: which outputs
+are new tensors with which metadata, which alias an input (in-place ops), or that
+the op's outputs depend on data (``nonzero``, ``item()``), in which case the server
+runs it and replies with what came out. Then the op goes to the eager streamer.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import codec
+from ..config import Config
+from ..errors import RrtoError, UnsupportedOpError
+from ..replay.streamer import EagerStreamer
+from ..stats import Stats
+from ..transport import Link
+from .remote_tensor import CUDA0, RemoteTensor, TensorMeta
+
+aten = torch.ops.aten
+_META = torch.device("meta")
+# Ops that accept CPU tensors of any size beside cuda ones, as real CUDA does.
+_CPU_ARGS_OK = {aten.copy_.default, aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
+                aten._index_put_impl_.default}
+_MAX_PLANS = 100_000
+_NAMED_OUTPUTS = 256  # handle block for outputs only the server can size (see server MAX_NAMED_OUTPUTS)
+
+
+class Alias:
+    """An op output that is one of its input tensors (in-place and out= ops)."""
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+@dataclass
+class Plan:
+    name: str  # wire name, e.g. "aten::add.Tensor"
+    template: Any = None  # the result with TensorMeta / Alias leaves
+    server_shapes: bool = False  # outputs depend on data: the server names and sizes them
+    local: bool = False  # answered from metadata alone (template is the value)
+
+
+class Runtime:
+    def __init__(self, config: Config, link: Link, server_info: dict, stats: Stats):
+        self.config, self.link, self.info, self.stats = config, link, server_info, stats
+        self.allowed = frozenset(server_info.get("allowed", ()))
+        self.streamer = EagerStreamer(link, _handle_of, wait_every_op=config.mode == "rpc")
+        self._handles = itertools.count(1)
+        self._blocks = itertools.count(2**52, _NAMED_OUTPUTS)
+        self._plans: dict = {}
+        self._names: dict = {}
+        self.closed = False
+        self._last_sync = (time.perf_counter(), stats.messages_sent, stats.round_trips,
+                           stats.bytes_sent, stats.bytes_received)
+
+    # -- the hot path ----------------------------------------------------------------
+
+    def call(self, func, args: tuple, kwargs: dict):
+        """Run one aten op whose tensors (or device) are on the virtual cuda device."""
+        if self.closed:
+            raise RrtoError(f"{func}: this tensor belongs to an rrto session that has ended "
+                            "(rrto.disable() was called); its data is gone with the server")
+        self.stats.ops_intercepted += 1
+        special = _SPECIAL.get(func)
+        if special is not None:
+            out = special(self, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        tensors: list = []
+        key = (func, _sig(args, tensors), _sig(kwargs, tensors) if kwargs else None)
+        try:
+            plan = self._plans.get(key)
+        except TypeError:  # an unhashable argument: plan without caching
+            key, plan = None, None
+        if plan is None:
+            self.stats.meta_cache_misses += 1
+            plan = self._plan(func, args, kwargs, tensors)
+            if key is not None:
+                if len(self._plans) >= _MAX_PLANS:
+                    self._plans.clear()
+                self._plans[key] = plan
+        else:
+            self.stats.meta_cache_hits += 1
+        if plan.local:
+            return plan.template
+        if plan.server_shapes:
+            return self._run_server_shaped(func, plan, args, kwargs, tensors)
+        handles: list = []
+        out = self._materialize(plan.template, tensors, handles)
+        self.streamer.op(plan.name, args, kwargs, handles)
+        return out
+
+    def _materialize(self, tpl, tensors: list, handles: list):
+        t = type(tpl)
+        if t is TensorMeta:
+            h = next(self._handles)
+            handles.append(h)
+            return RemoteTensor(tpl, h, self)
+        if t is Alias:
+            handles.append(None)
+            return tensors[tpl.index]
+        if t is tuple or t is list:
+            return t(self._materialize(x, tensors, handles) for x in tpl)
+        return tpl
+
+    def _run_server_shaped(self, func, plan: Plan, args, kwargs, tensors: list):
+        base = next(self._blocks)
+        reply = self.streamer.op(plan.name, args, kwargs, [], wait=True, out_base=base)
+        outs = []
+        for i, m in enumerate(reply.get("m", [])):
+            if isinstance(m, dict):
+                outs.append(tensors[m["a"]])
+            else:
+                meta = TensorMeta(tuple(m[0]), tuple(m[1]), m[2], codec.dtype_of(m[3]))
+                outs.append(RemoteTensor(meta, base + i, self))
+        return _shape_result(func, outs, codec.decode_result(reply.get("v")))
+
+    # -- planning (once per signature) -------------------------------------------------
+
+    def _plan(self, func, args, kwargs, tensors: list) -> Plan:
+        name = self._wire_name(func)
+        if self.allowed and name not in self.allowed:
+            raise UnsupportedOpError(
+                f"rrto: {name} is not supported on the virtual cuda device (it is not on the allowlist of "
+                f"the rrto server, torch {self.info.get('torch')}). Run this step on the CPU "
+                "(move its inputs with .cpu()), or ask for the op to be added to server/ops.py.")
+        for t in tensors:
+            if type(t) is not RemoteTensor and t.dim() > 0 and func not in _CPU_ARGS_OK:
+                raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
+                                   f"devices, cuda:0 and {t.device}! (in {name})")
+        metas: list = []
+        margs = _to_meta(args, metas)
+        mkwargs = {k: _to_meta(v, metas) for k, v in kwargs.items()}
+        try:
+            res = func(*margs, **mkwargs)
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e, NotImplementedError) or "meta" in str(e).lower():
+                return Plan(name, server_shapes=True)  # shapes depend on data, or no meta kernel
+            raise
+        index = {id(m): i for i, m in enumerate(metas)}
+        template = _template(res, index, metas, tensors, name)
+        if _no_tensors(res) and not func._schema.is_mutable:
+            return Plan(name, template=res, local=True)
+        return Plan(name, template=template)
+
+    def _wire_name(self, func) -> str:
+        name = self._names.get(func)
+        if name is None:
+            name = self._names[func] = f"{func._schema.name}.{func._overloadname}"
+        return name
+
+    # -- data in and out ---------------------------------------------------------------
+
+    def upload(self, src: torch.Tensor, dtype=None, memory_format=None, non_blocking=False) -> RemoteTensor:
+        """A CPU tensor's copy on the virtual device (``x.cuda()``, ``x.to("cuda")``)."""
+        self.stats.uploads += 1
+        src = src.detach()
+        if dtype is not None and dtype != src.dtype and dtype.itemsize <= src.dtype.itemsize:
+            src, dtype = aten._to_copy.default(src, dtype=dtype), None  # narrowing: convert before sending
+        if memory_format not in (None, torch.preserve_format):
+            src = src.contiguous(memory_format=memory_format)
+        desc, buf, private = codec.tensor_frame(src)
+        h = next(self._handles)
+        self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking))
+        out = RemoteTensor(TensorMeta(tuple(desc["sh"]), tuple(desc["st"]), 0, src.dtype), h, self)
+        if dtype is not None and dtype != out.dtype:
+            out = self.call(aten._to_copy.default, (out,), {"dtype": dtype})
+        return out
+
+    def download(self, t: RemoteTensor) -> torch.Tensor:
+        """The tensor's data as a new CPU tensor (``.cpu()``, ``print``, ``.tolist()``)."""
+        if self.closed:
+            raise RrtoError("this tensor belongs to an rrto session that has ended (rrto.disable() was called)")
+        self.stats.downloads += 1
+        desc, frame = self.streamer.get(t._h, what=f"the download of a {list(t.shape)} {t.dtype} tensor")
+        cpu = codec.frame_tensor(desc, frame, max_bytes=1 << 62)
+        if tuple(cpu.shape) != tuple(t.shape) or cpu.dtype != t.dtype:
+            raise RrtoError(f"rrto internal error: the server holds a {list(cpu.shape)} {cpu.dtype} tensor "
+                            f"where the robot expected {list(t.shape)} {t.dtype}")
+        return cpu
+
+    def release(self, handle: int) -> None:
+        if not self.closed:
+            self.streamer.free(handle)
+
+    # -- torch.cuda answers --------------------------------------------------------------
+
+    def synchronize(self) -> None:
+        self.stats.syncs += 1
+        self.streamer.request("sync")
+        if self.config.progress:
+            self._print_progress()
+
+    def seed(self, seed: int) -> None:
+        self.streamer.notify("seed", seed=int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def memory_allocated(self) -> int:
+        return int(self.streamer.request("mem")["allocated"])
+
+    def _print_progress(self) -> None:
+        s = self.stats
+        now = (time.perf_counter(), s.messages_sent, s.round_trips, s.bytes_sent, s.bytes_received)
+        d = [b - a for a, b in zip(self._last_sync, now)]
+        self._last_sync = now
+        print(f"rrto: sync {s.syncs}: {d[0] * 1e3:.1f} ms, {d[1]} messages, {d[2]} round trips, "
+              f"{d[3] / 1e3:.1f} kB up, {d[4] / 1e3:.1f} kB down", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.streamer.request("bye")
+        finally:
+            self.closed = True
+
+
+# -- special ops: data crossing between the robot and the virtual device ----------------
+
+def _to_copy(rt: Runtime, args, kwargs):
+    src, device = args[0], kwargs.get("device")
+    remote = type(src) is RemoteTensor
+    if not remote and device is not None and device.type == "cuda":
+        return rt.upload(src, kwargs.get("dtype"), kwargs.get("memory_format"), kwargs.get("non_blocking", False))
+    if remote and device is not None and device.type == "cpu":
+        dtype = kwargs.get("dtype")
+        if dtype is not None and dtype != src.dtype and dtype.itemsize < src.dtype.itemsize:
+            src = rt.call(aten._to_copy.default, (src,), {"dtype": dtype})  # narrowing: less to download
+        cpu = rt.download(src)
+        return cpu if dtype is None or dtype == cpu.dtype else aten._to_copy.default(cpu, dtype=dtype)
+    if remote and device is not None and device.type == "meta":
+        return aten._to_copy.default(_meta(src._meta), **kwargs)
+    return NotImplemented
+
+
+def _copy_(rt: Runtime, args, kwargs):
+    dst, src = args[0], args[1]
+    if type(dst) is not RemoteTensor:  # remote -> CPU tensor: download, then copy locally
+        dst.copy_(rt.download(src))
+        return dst
+    return NotImplemented
+
+
+_SPECIAL = {aten._to_copy.default: _to_copy, aten.copy_.default: _copy_}
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+def _handle_of(t: torch.Tensor) -> int | None:
+    return t._h if type(t) is RemoteTensor else None
+
+
+def _sig(x, tensors: list):
+    """Hashable signature of op arguments; collects their tensors in order."""
+    t = type(x)
+    if t is RemoteTensor:
+        tensors.append(x)
+        return x._meta
+    if t is tuple or t is list:
+        return tuple([_sig(y, tensors) for y in x])
+    if t is dict:
+        return tuple([(k, _sig(v, tensors)) for k, v in x.items()])
+    if isinstance(x, torch.Tensor):
+        tensors.append(x)
+        return ("cpu", x.device, tuple(x.shape), x.stride(), x.storage_offset(), x.dtype)
+    return x
+
+
+def _meta(m: TensorMeta) -> torch.Tensor:
+    return aten.as_strided.default(aten.empty.memory_format([0], dtype=m.dtype, device=_META),
+                                   m.shape, m.stride, m.offset)
+
+
+def _to_meta(x, metas: list):
+    t = type(x)
+    if t is RemoteTensor:
+        m = _meta(x._meta)
+        metas.append(m)
+        return m
+    if t is tuple or t is list:
+        return t(_to_meta(y, metas) for y in x)
+    if isinstance(x, torch.Tensor):
+        m = _meta(TensorMeta(tuple(x.shape), x.stride(), x.storage_offset(), x.dtype))
+        metas.append(m)
+        return m
+    if t is torch.device and x.type == "cuda":
+        return _META
+    return x
+
+
+def _template(res, index: dict, metas: list, tensors: list, name: str):
+    if isinstance(res, torch.Tensor):
+        i = index.get(id(res))
+        if i is None:
+            return TensorMeta(tuple(res.shape), res.stride(), res.storage_offset(), res.dtype)
+        before = tensors[i]
+        if (tuple(res.shape), res.stride(), res.storage_offset()) != (tuple(before.shape), before.stride(),
+                                                                      before.storage_offset()):
+            raise UnsupportedOpError(
+                f"rrto: {name} changes the shape or strides of a tensor in place, which the virtual cuda "
+                "device does not support yet; use the out-of-place form (e.g. x = x.unsqueeze(0)).")
+        return Alias(i)
+    if isinstance(res, (tuple, list)):
+        return type(res)(_template(r, index, metas, tensors, name) for r in res)
+    return res
+
+
+def _no_tensors(res) -> bool:
+    if isinstance(res, torch.Tensor):
+        return False
+    if isinstance(res, (tuple, list)):
+        return all(_no_tensors(r) for r in res)
+    return True
+
+
+def _shape_result(func, outs: list, value):
+    """Arrange a server-shaped op's outputs the way its schema returns them."""
+    rets = func._schema.returns
+    if not rets:
+        return None
+    it = iter(outs)
+    shaped = []
+    for r in rets:
+        kind = str(r.type)
+        if kind == "Tensor":
+            shaped.append(next(it))
+        elif kind == "Tensor[]":
+            shaped.append(list(it))
+        else:
+            shaped.append(value)
+    return shaped[0] if len(rets) == 1 else tuple(shaped)

@@ -1,0 +1,1 @@
+"""Client-side execution of recorded and streamed operators."""

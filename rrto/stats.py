@@ -1,0 +1,40 @@
+"""Counters of one offload, written as JSON at exit (``--stats`` / ``RRTO_STATS``)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Stats:
+    mode: str = ""
+    server: str | None = None
+    embedded_server: bool = False
+    ops_intercepted: int = 0  # aten ops on the virtual cuda device
+    messages_sent: int = 0
+    round_trips: int = 0  # messages the robot waited on
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    uploads: int = 0
+    downloads: int = 0
+    syncs: int = 0  # torch.cuda.synchronize() calls
+    meta_cache_hits: int = 0
+    meta_cache_misses: int = 0
+    robot_torch: str = ""
+    server_torch: str = ""
+    server_device: str = ""
+    started: float = field(default_factory=time.perf_counter, repr=False)
+
+    def snapshot(self) -> dict:
+        d = asdict(self)
+        d["wall_s"] = round(time.perf_counter() - d.pop("started"), 4)
+        return d
+
+    def write(self, path: str) -> None:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.snapshot(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)

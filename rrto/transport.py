@@ -1,0 +1,97 @@
+"""The robot's end of the wire: one zmq DEALER socket to the edge server's ROUTER.
+
+Messages that need no answer are sent and forgotten (zmq queues them); a request
+waits for its reply, matched by sequence number, never longer than the timeout.
+The session token from the hello handshake rides in every header.
+"""
+from __future__ import annotations
+
+import threading
+
+import zmq
+
+from . import codec
+from .errors import LinkError, remote_error
+from .stats import Stats
+
+
+class Link:
+    def __init__(self, url: str, timeout: float, stats: Stats):
+        self.url, self.timeout, self.stats = url, timeout, stats
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)  # eager streams run ahead; a sync point bounds them
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+        self._sock.connect(url)
+        self._lock = threading.RLock()
+        self._seq = 0
+        self.session: str | None = None
+        self.closed = False
+
+    def hello(self, info: dict) -> dict:
+        """Open a session; returns the server's description of itself."""
+        try:
+            reply, _ = self.request({"t": "hello", "v": codec.PROTOCOL_VERSION, **info}, what="the hello handshake")
+        except LinkError:
+            raise LinkError(
+                f"could not reach rrto-server at {self.url} within {self.timeout:g} s. "
+                f"Start one with `rrto-server --listen {self.url}`, or leave out --server "
+                "to use an embedded local server.") from None
+        self.session = reply["session"]
+        return reply
+
+    def send(self, header: dict, frames: list = (), wait_sent: bool = False) -> None:
+        """Send without waiting for a reply; ``wait_sent`` blocks until zmq let go of the frames."""
+        with self._lock:
+            msg = self._pack(header, frames)
+            try:
+                tracker = self._sock.send_multipart(msg, copy=False, track=wait_sent)
+            except zmq.Again:
+                raise LinkError(f"could not queue a message to {self.url} within {self.timeout:g} s") from None
+            if wait_sent:
+                try:
+                    tracker.wait(self.timeout)
+                except zmq.NotDone:
+                    raise LinkError(f"an upload to {self.url} did not leave within {self.timeout:g} s; "
+                                    "is the link down?") from None
+
+    def request(self, header: dict, frames: list = (), what: str = "a reply") -> tuple[dict, list]:
+        """Send and wait for the matching reply; error replies raise their exception."""
+        with self._lock:
+            self._seq += 1
+            seq = header["q"] = self._seq
+            self.send(header, frames)
+            self.stats.round_trips += 1
+            while True:
+                if not self._sock.poll(int(self.timeout * 1000)):
+                    raise LinkError(
+                        f"no reply from rrto-server at {self.url} within {self.timeout:g} s "
+                        f"(waiting for {what}). Is the server running and the link up? "
+                        "Set RRTO_TIMEOUT (seconds) to wait longer.")
+                msg = self._sock.recv_multipart(copy=False)
+                self.stats.bytes_received += sum(len(f) for f in msg)
+                reply, rframes = codec.unpack(msg)
+                if reply.get("q") != seq:
+                    continue  # the late answer to a request that already timed out
+                if reply.get("t") == "err":
+                    raise remote_error(reply.get("kind", ""), reply.get("msg", "unknown server error"))
+                return reply, rframes
+
+    def _pack(self, header: dict, frames: list) -> list:
+        if self.closed:
+            raise LinkError("this rrto connection is closed (rrto.disable() was called)")
+        if self.session is not None:
+            header["s"] = self.session
+        msg = codec.pack(header, frames)
+        self.stats.messages_sent += 1
+        self.stats.bytes_sent += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in msg)
+        return msg
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                self._sock.close(linger=0)
+                self._ctx.term()

@@ -1,0 +1,177 @@
+"""The edge daemon: one ROUTER socket, one worker thread per robot session.
+
+The main thread owns the socket: it opens sessions (hello), routes every other
+message to its session's worker by the session token (checked against the zmq
+peer that opened it), and forwards the workers' replies, which come back over an
+inproc socket because zmq sockets must stay in one thread each.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import time
+
+import torch
+import zmq
+
+from rrto import codec
+
+from .ops import OpTable, SizeCheck
+from .session import Limits, Session
+
+log = logging.getLogger("rrto.server")
+REPLIES = "inproc://rrto-replies"
+
+
+class Daemon:
+    def __init__(self, listen: str, device: torch.device, limits: Limits, max_sessions: int = 64,
+                 idle_timeout: float = 1800.0, exit_with_parent: bool = False):
+        self.device, self.limits, self.max_sessions = device, limits, max_sessions
+        self.idle_timeout = idle_timeout
+        self.parent = os.getppid() if exit_with_parent else None
+        self.ops = OpTable()
+        self.sizes = SizeCheck(limits.max_tensor_bytes)
+        self.sessions: dict[str, Session] = {}
+        self.stopping = False
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.SNDHWM, 0)
+        self.router.setsockopt(zmq.RCVHWM, 0)
+        if listen.endswith(":0"):
+            listen = listen[:-2] + ":*"
+        self.router.bind(listen)
+        self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.replies = self.ctx.socket(zmq.PULL)
+        self.replies.bind(REPLIES)
+        self._hello_info = self._describe()
+
+    def _describe(self) -> dict:
+        d = self.device
+        info = {"v": codec.PROTOCOL_VERSION, "torch": torch.__version__, "device": str(d),
+                "device_name": f"rrto remote cpu ({os.cpu_count()} cores)", "capability": [0, 0],
+                "total_memory": self.limits.max_session_bytes, "multi_processor_count": os.cpu_count() or 1}
+        if d.type == "cuda":
+            p = torch.cuda.get_device_properties(d)
+            info.update(device_name=p.name, capability=[p.major, p.minor], multi_processor_count=p.multi_processor_count,
+                        total_memory=min(p.total_memory, self.limits.max_session_bytes))
+        info["allowed"] = sorted(self.ops.allowed)
+        return info
+
+    # -- main loop ---------------------------------------------------------------------
+
+    def serve(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.replies, zmq.POLLIN)
+        last_housekeeping = time.monotonic()
+        while not self.stopping:
+            try:
+                ready = dict(poller.poll(250))
+            except zmq.ZMQError:
+                continue
+            if self.replies in ready:
+                while True:
+                    try:
+                        self.router.send_multipart(self.replies.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+                    except zmq.Again:
+                        break
+            if self.router in ready:
+                while True:
+                    try:
+                        msg = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._route(msg)
+            now = time.monotonic()
+            if now - last_housekeeping > 1.0:
+                last_housekeeping = now
+                self._housekeeping(now)
+        self.close()
+
+    def _on_signal(self, signum, _frame) -> None:
+        log.info("rrto-server: %s received, shutting down", signal.Signals(signum).name)
+        self.stopping = True
+
+    def _housekeeping(self, now: float) -> None:
+        if self.parent is not None and os.getppid() != self.parent:
+            log.info("rrto-server: parent process exited, shutting down")
+            self.stopping = True
+        for token, s in list(self.sessions.items()):
+            if now - s.last_seen > self.idle_timeout:
+                log.info("session %s idle for %.0f s, closing it", token[:8], now - s.last_seen)
+                self._end(token)
+
+    def _route(self, msg: list) -> None:
+        identity = msg[0].bytes
+        try:
+            header, frames = codec.unpack(msg[1:])
+        except codec.CodecError as e:
+            self._error(identity, None, "bad_request", f"malformed message: {e}")
+            return
+        q, t = header.get("q"), header.get("t")
+        if t == "hello":
+            self._hello(identity, header, msg[0])
+            return
+        session = self.sessions.get(header.get("s")) if isinstance(header.get("s"), str) else None
+        if session is None or session.identity != identity:
+            if q is not None or t is None:
+                self._error(identity, q, "no_session",
+                            "unknown session: the server may have restarted or closed it after being idle. "
+                            "Restart the app to open a new one.")
+            return
+        session.submit(header, frames)
+        if t == "bye":
+            self.sessions.pop(session.token, None)
+            log.info("session %s closed by the robot (%d ops run)", session.token[:8], session.ops_run)
+
+    def _hello(self, identity: bytes, header: dict, frame) -> None:
+        q = header.get("q")
+        if header.get("v") != codec.PROTOCOL_VERSION:
+            self._error(identity, q, "protocol",
+                        f"protocol mismatch: the robot speaks rrto protocol {header.get('v')}, this server "
+                        f"speaks {codec.PROTOCOL_VERSION}. Install the same rrto version on both.")
+            return
+        if len(self.sessions) >= self.max_sessions:
+            self._error(identity, q, "busy", f"server is full ({self.max_sessions} sessions); try again later")
+            return
+        token = secrets.token_hex(16)
+        s = Session(token, identity, self.device, self.limits, self.ops, self.sizes, self._reply_socket)
+        self.sessions[token] = s
+        s.start()
+        try:
+            peer = frame.get("Peer-Address")
+        except zmq.ZMQError:
+            peer = "?"
+        log.info("session %s opened by %s (robot torch %s, mode %s)", token[:8], peer,
+                 str(header.get("torch"))[:20], str(header.get("mode"))[:10])
+        self.router.send_multipart([identity, *codec.pack({**self._hello_info, "q": q, "session": token})])
+
+    def _reply_socket(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(REPLIES)
+        return sock
+
+    def _error(self, identity: bytes, q, kind: str, msg: str) -> None:
+        log.warning("refused a request: %s", msg)
+        self.router.send_multipart([identity, *codec.pack({"t": "err", "q": q, "kind": kind, "msg": msg})])
+
+    def _end(self, token: str) -> None:
+        s = self.sessions.pop(token, None)
+        if s is not None:
+            s.stop()
+
+    def close(self) -> None:
+        ending = list(self.sessions.values())
+        for token in list(self.sessions):
+            self._end(token)
+        for s in ending:
+            s.thread.join(timeout=5.0)
+        self.router.close(linger=0)
+        self.replies.close(linger=0)
+        self.ctx.destroy(linger=0)

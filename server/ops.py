@@ -1,0 +1,224 @@
+"""Which operators a robot may run here, and how big their outputs may get.
+
+An op is allowed when its name is on ALLOWED below or torch tags it pointwise
+(an element-wise op: its output is the broadcast of its inputs). Everything else,
+notably ops that touch files, raw storage or uninitialised memory of a resized
+tensor, is refused with a clear error. Before an op runs, its output sizes are
+computed with meta kernels (cached by signature) and checked against the limits,
+so a request can never make the server allocate more than a session may hold.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+ALLOWED = set("""
+view _unsafe_view reshape _reshape_alias as_strided expand expand_as permute transpose t
+squeeze unsqueeze select slice narrow split split_with_sizes unbind chunk tensor_split unflatten
+movedim alias detach detach_ view_as_real view_as_complex unfold diagonal flip roll rot90 repeat
+clone _to_copy copy_ lift_fresh lift_fresh_copy contiguous real imag conj _conj resolve_conj resolve_neg
+cat stack _unsafe_index index index_put index_put_ _index_put_impl_ index_select index_add index_add_
+index_copy index_copy_ index_fill index_fill_ gather scatter scatter_ scatter_add scatter_add_
+scatter_reduce scatter_reduce_ masked_fill masked_fill_ masked_scatter masked_scatter_ masked_select
+nonzero nonzero_static take put_ where tril triu tril_ triu_ diag diag_embed fill_diagonal_
+constant_pad_nd reflection_pad1d reflection_pad2d reflection_pad3d replication_pad1d replication_pad2d
+replication_pad3d im2col col2im pixel_shuffle pixel_unshuffle channel_shuffle native_channel_shuffle
+fill fill_ zero_ zeros zeros_like ones ones_like empty empty_like empty_strided empty_permuted new_empty
+new_empty_strided new_zeros new_ones new_full full full_like arange linspace logspace eye scalar_tensor
+randn rand randint randperm randn_like rand_like randint_like normal normal_ uniform_ bernoulli bernoulli_
+exponential_ multinomial native_dropout random_ cauchy_ geometric_ log_normal_
+sum mean prod max min amax amin aminmax argmax argmin std var std_mean var_mean norm linalg_vector_norm
+logsumexp cumsum cumprod cummax cummin all any count_nonzero median nanmedian mode kthvalue topk sort
+argsort msort nansum nanmean _unique _unique2 unique_dim unique_consecutive histc bucketize searchsorted
+dist cdist _cdist_forward _euclidean_dist renorm
+convolution _convolution conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d
+max_pool1d max_pool2d max_pool3d max_pool2d_with_indices max_pool3d_with_indices avg_pool1d avg_pool2d
+avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d _adaptive_avg_pool2d
+_adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d max_unpool2d max_unpool3d
+native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training
+_native_batch_norm_legit_functional batch_norm native_layer_norm layer_norm native_group_norm group_norm
+instance_norm rms_norm _fused_rms_norm linear addmm mm bmm baddbmm addbmm matmul mv dot vdot addmv addr outer
+einsum _softmax softmax _log_softmax log_softmax upsample_nearest1d upsample_nearest2d upsample_nearest3d
+_upsample_nearest_exact1d _upsample_nearest_exact2d _upsample_nearest_exact3d upsample_bilinear2d
+_upsample_bilinear2d_aa upsample_bicubic2d _upsample_bicubic2d_aa upsample_linear1d upsample_trilinear3d
+grid_sampler grid_sampler_2d grid_sampler_3d affine_grid_generator embedding one_hot
+_fused_sdp_choice scaled_dot_product_attention _scaled_dot_product_attention_math
+_scaled_dot_product_flash_attention _scaled_dot_product_flash_attention_for_cpu
+_scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention
+pdist _pdist_forward cosine_similarity pairwise_distance nll_loss_forward nll_loss2d_forward mse_loss
+l1_loss smooth_l1_loss huber_loss binary_cross_entropy binary_cross_entropy_with_logits kl_div
+_local_scalar_dense item is_nonzero equal allclose isclose is_same_size complex polar cross linalg_cross
+linalg_inv_ex _linalg_solve_ex linalg_cholesky_ex _linalg_det _linalg_svd linalg_qr _linalg_eigh
+linalg_lu_factor_ex linalg_lu_solve triangular_solve linalg_solve_triangular _fft_r2c _fft_c2r _fft_c2c
+""".split())
+
+# Outputs whose size depends on values, bounded by the size of their inputs.
+DATA_DEPENDENT = {"nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+                  "index", "_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "_fused_sdp_choice"}
+# Ops that hand out uninitialised memory: their outputs are zeroed, so no robot can read
+# what another session left in the allocator's cache.
+UNINITIALISED = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided"}
+
+_NAME = re.compile(r"aten::([a-z_][a-z0-9_]*)\.([a-zA-Z0-9_]+)")
+
+
+class OpError(ValueError):
+    """A request the server refuses; ``kind`` tells the robot which exception to raise."""
+
+    def __init__(self, message: str, kind: str = "bad_request"):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    op: torch._ops.OpOverload
+    base: str
+    generator_arg: str | None  # random ops: where the session's generator goes
+    uninitialised: bool
+    data_dependent: bool
+
+
+def allowed_names() -> list[str]:
+    """Every overload name this server accepts, as the robot spells it (``aten::add.Tensor``)."""
+    names = []
+    for full in torch._C._dispatch_get_all_op_names():
+        if not full.startswith("aten::"):
+            continue
+        base, _, overload = full[6:].partition(".")
+        name = f"aten::{base}.{overload or 'default'}"
+        if base in ALLOWED:
+            names.append(name)
+            continue
+        try:
+            op = getattr(getattr(torch.ops.aten, base), overload or "default")
+        except (AttributeError, RuntimeError):
+            continue
+        if torch.Tag.pointwise in op.tags:
+            names.append(name)
+    return sorted(names)
+
+
+class OpTable:
+    """Resolves wire op names against the allowlist, once per name."""
+
+    def __init__(self):
+        self.allowed = frozenset(allowed_names())
+        self._infos: dict[str, OpInfo] = {}
+
+    def resolve(self, name: object) -> OpInfo:
+        info = self._infos.get(name)  # type: ignore[arg-type]
+        if info is not None:
+            return info
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise OpError(f"malformed op name {str(name)[:80]!r}; expected e.g. 'aten::add.Tensor'")
+        if name not in self.allowed:
+            raise OpError(f"op {name} is not on this server's allowlist (torch {torch.__version__})",
+                          kind="unsupported")
+        base, overload = _NAME.fullmatch(name).groups()
+        op = getattr(getattr(torch.ops.aten, base), overload)
+        schema = op._schema
+        gen = next((a.name for a in schema.arguments if a.name == "generator"), None)
+        info = OpInfo(op, base, gen, base in UNINITIALISED, base in DATA_DEPENDENT)
+        if len(self._infos) < 100_000:
+            self._infos[name] = info
+        return info
+
+
+def signature(x):
+    """Hashable key of op arguments: tensors by metadata, everything else by value."""
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.stride(), x.storage_offset(), x.dtype)
+    if isinstance(x, (list, tuple)):
+        return tuple(signature(y) for y in x)
+    if isinstance(x, dict):
+        return tuple((k, signature(v)) for k, v in x.items())
+    if isinstance(x, torch.Generator):
+        return "generator"
+    return x
+
+
+def to_meta(x):
+    if isinstance(x, torch.Tensor):
+        return torch.empty(0, dtype=x.dtype, device="meta").as_strided(x.shape, x.stride(), x.storage_offset())
+    if isinstance(x, list):
+        return [to_meta(y) for y in x]
+    if isinstance(x, torch.device):
+        return torch.device("meta")
+    return x
+
+
+def flat_tensors(x, out: list) -> list:
+    """The tensors of an op result in order (tuples and lists walked depth first)."""
+    if isinstance(x, torch.Tensor):
+        out.append(x)
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            flat_tensors(y, out)
+    return out
+
+
+class SizeCheck:
+    """Output metadata of an op from meta kernels, checked against byte limits before it runs."""
+
+    def __init__(self, max_tensor_bytes: int):
+        self.max_tensor_bytes = max_tensor_bytes
+        self._cache: dict = {}
+
+    def outputs(self, info: OpInfo, args: list, kwargs: dict) -> list | None:
+        """[(shape, stride, offset, dtype, new_bytes)] per output tensor; None when data decides.
+
+        ``new_bytes`` is 0 for outputs that alias an input (views, in-place results).
+        """
+        key = (info.op, signature(args), signature(kwargs))
+        try:
+            hit = self._cache.get(key)
+        except TypeError:  # an unhashable value (e.g. nan-free float lists are fine; objects are not)
+            key, hit = None, None
+        if hit is not None:
+            return hit
+        margs, mkwargs = to_meta(args), {k: to_meta(v) for k, v in kwargs.items()}
+        if info.generator_arg:
+            mkwargs.pop(info.generator_arg, None)
+        try:
+            res = info.op(*margs, **mkwargs)
+        except Exception as e:  # noqa: BLE001 - any failure of a meta kernel means "cannot size-check"
+            if info.data_dependent:
+                self._check_inputs(info, args, kwargs)
+                return None
+            if _is_meta_gap(e):
+                raise OpError(f"op {info.op.name()} cannot be size-checked on this server (no meta kernel)",
+                              kind="unsupported") from None
+            raise OpError(f"{info.op.name()}: {_short(e)}") from None
+        inputs = {t.untyped_storage()._cdata for t in flat_tensors([margs, list(mkwargs.values())], [])}
+        outs = []
+        for t in flat_tensors(res, []):
+            nbytes = 0 if t.untyped_storage()._cdata in inputs else t.numel() * t.element_size()
+            if nbytes > self.max_tensor_bytes:
+                raise OpError(f"{info.op.name()} would create a {list(t.shape)} {t.dtype} tensor of "
+                              f"{nbytes / 2**20:.1f} MiB, over this server's per-tensor limit of "
+                              f"{self.max_tensor_bytes / 2**20:.0f} MiB", kind="quota")
+            outs.append((tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, nbytes))
+        if key is not None:
+            if len(self._cache) > 50_000:
+                self._cache.clear()
+            self._cache[key] = outs
+        return outs
+
+    def _check_inputs(self, info: OpInfo, args, kwargs) -> None:
+        ts = flat_tensors(list(args) + list(kwargs.values()), [])
+        bound = sum(t.numel() * max(t.dim(), 1) * 8 for t in ts)
+        if bound > self.max_tensor_bytes:
+            raise OpError(f"{info.op.name()} on inputs this large could exceed this server's per-tensor limit",
+                          kind="quota")
+
+
+def _is_meta_gap(e: Exception) -> bool:
+    text = str(e)
+    return isinstance(e, NotImplementedError) or "Meta" in text and ("kernel" in text or "backend" in text)
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().split("\n")[0][:300]

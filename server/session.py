@@ -1,0 +1,306 @@
+"""One robot's session: its handle table and the worker that runs its requests in order.
+
+Handles are the robot's names for its tensors here; they are looked up only in this
+session's table, so one robot can never name, read or free another's tensors.
+
+Requests that carry a sequence number ``q`` get a reply; the rest are streamed. When a
+streamed request fails, the session remembers the first error and skips what follows
+(those ops would only fail on the missing results) until the robot's next request,
+which gets that error as its reply, the way CUDA reports an asynchronous error at the
+next synchronisation.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rrto import codec
+
+from .ops import OpError, OpInfo, OpTable, SizeCheck, flat_tensors
+
+log = logging.getLogger("rrto.server")
+CUDA_DEFAULT_SEED = 67280421310721  # what torch seeds a fresh cuda generator with
+MAX_HANDLE = 2**53
+MAX_NAMED_OUTPUTS = 256  # outputs of one op whose shapes only the server knows
+
+
+@dataclass
+class Limits:
+    max_session_bytes: int = 8 << 30
+    max_tensor_bytes: int = 4 << 30
+    max_handles: int = 1_000_000
+
+
+class Session:
+    def __init__(self, token: str, identity: bytes, device: torch.device, limits: Limits,
+                 ops: OpTable, sizes: SizeCheck, reply_socket):
+        self.token, self.identity, self.device, self.limits = token, identity, device, limits
+        self.ops, self.sizes, self._reply_socket = ops, sizes, reply_socket
+        self.handles: dict[int, torch.Tensor] = {}
+        self.unusable: dict[int, str] = {}  # handles whose op output could not be given to the robot
+        self._storages: dict[int, list] = {}  # storage address -> [nbytes, handles using it]
+        self.live_bytes = 0
+        self.error: tuple[str, str] | None = None
+        self.last_seen = time.monotonic()
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(CUDA_DEFAULT_SEED)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=f"rrto-session-{token[:8]}", daemon=True)
+        self.ops_run = 0
+
+    # -- worker ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, header: dict, frames: list) -> None:
+        self.last_seen = time.monotonic()
+        self.inbox.put((header, frames))
+
+    def stop(self) -> None:
+        self.inbox.put(None)
+
+    def _run(self) -> None:
+        sock = self._reply_socket()  # zmq sockets live in one thread: this one is the worker's
+        try:
+            with torch.inference_mode():
+                while True:
+                    item = self.inbox.get()
+                    if item is None:
+                        break
+                    header, frames = item
+                    reply = self.handle(header, frames)
+                    if reply is not None:
+                        sock.send_multipart([self.identity, *codec.pack(*reply)], copy=False)
+                    if header.get("t") == "bye":
+                        break
+        finally:
+            sock.close(linger=0)
+            self.handles.clear()
+            self._storages.clear()
+
+    # -- requests ----------------------------------------------------------------
+
+    def handle(self, header: dict, frames: list) -> tuple[dict, list] | None:
+        """Run one request; returns (reply header, reply frames) when the robot waits for one."""
+        q = header.get("q")
+        try:
+            if self.error is not None and header.get("t") != "bye":
+                if q is None:
+                    return None
+                kind, msg = self.error
+                self.error = None
+                return {"t": "err", "q": q, "kind": kind, "msg": msg}, []
+            reply, rframes = self._dispatch(header, frames)
+        except OpError as e:
+            return self._fail(q, e.kind, str(e))
+        except codec.CodecError as e:
+            return self._fail(q, "bad_request", f"malformed request: {e}")
+        except Exception as e:  # noqa: BLE001 - a failing op must never take the server down
+            what = header.get("op") if header.get("t") == "op" else f"'{header.get('t')}' request"
+            return self._fail(q, "op_failed", f"{what} failed on the server: {_short(e)}")
+        finally:
+            self._free(header.get("fr"))
+        if q is None:
+            return None
+        reply["q"] = q
+        return reply, rframes
+
+    def _fail(self, q, kind: str, msg: str):
+        log.debug("session %s: %s", self.token[:8], msg)
+        if q is not None:
+            return {"t": "err", "q": q, "kind": kind, "msg": msg}, []
+        if self.error is None:
+            self.error = (kind, msg + " (reported at the next request; ops after it were skipped)")
+        return None
+
+    def _dispatch(self, h: dict, frames: list) -> tuple[dict, list]:
+        t = h.get("t")
+        if t == "op":
+            return self._op(h, frames)
+        if t == "put":
+            src = codec.frame_tensor(h.get("d"), _frame(frames, 0), self.limits.max_tensor_bytes)
+            self._reserve(src.numel() * src.element_size())
+            self._bind(h.get("h"), self._to_device(src))
+            return {}, []
+        if t == "get":
+            return self._get(self._tensor(h.get("h")))
+        if t == "sync":
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return {}, []
+        if t == "seed":
+            seed = h.get("seed")
+            if type(seed) is not int:
+                raise OpError("seed must be an integer")
+            self.generator.manual_seed(seed)
+            return {}, []
+        if t == "mem":
+            return {"allocated": self.live_bytes, "limit": self.limits.max_session_bytes}, []
+        if t in ("free", "bye"):
+            return {}, []
+        raise OpError(f"unknown request type {str(t)[:40]!r}")
+
+    def _op(self, h: dict, frames: list) -> tuple[dict, list]:
+        info = self.ops.resolve(h.get("op"))
+        descs = h.get("in") or []
+        if not isinstance(descs, list) or len(descs) != len(frames):
+            raise OpError("inline tensor descriptors do not match the frames sent")
+
+        def inline(i):
+            if not 0 <= i < len(frames):
+                raise OpError(f"inline tensor {i} was not sent")
+            return self._to_device(codec.frame_tensor(descs[i], frames[i], self.limits.max_tensor_bytes))
+
+        a, k = h.get("a", []), h.get("k", {})
+        if not isinstance(a, list) or not isinstance(k, dict):
+            raise OpError("op arguments must be a list 'a' and an object 'k'")
+        args = codec.decode_value(a, self._tensor, inline, self.device)
+        kwargs = {key: codec.decode_value(v, self._tensor, inline, self.device) for key, v in k.items()}
+        metas = self.sizes.outputs(info, args, kwargs)
+        if metas is not None:
+            self._reserve(sum(m[4] for m in metas))
+        if info.generator_arg and kwargs.get(info.generator_arg) is None:
+            self._inject_generator(info, args, kwargs)
+        result = info.op(*args, **kwargs)
+        self.ops_run += 1
+        outs = flat_tensors(result, [])
+        inputs = {id(t): i for i, t in enumerate(flat_tensors([args, list(kwargs.values())], []))}
+        if "ob" in h:  # the robot could not predict the outputs: name them base, base+1, ...
+            base = h["ob"]
+            if type(base) is not int or len(outs) > MAX_NAMED_OUTPUTS:
+                raise OpError("bad output handle base")
+            handles = [None if id(t) in inputs else base + i for i, t in enumerate(outs)]
+        else:
+            handles = h.get("o", [])
+            if not isinstance(handles, list) or (handles and len(handles) != len(outs)):
+                raise OpError(f"{info.op.name()} returns {len(outs)} tensors but {len(handles)} handles were given")
+        if metas is not None:
+            outs = [self._conform(info, t, m) for t, m in zip(outs, metas)]
+        for hd, t in zip(handles, outs):
+            if hd is None:
+                continue
+            if isinstance(t, str):
+                self._unusable(hd, t)
+            else:
+                if info.uninitialised:
+                    t.zero_()
+                self._bind(hd, t)
+        reply: dict = {}
+        if "q" in h:
+            if "ob" in h:  # tell the robot what came out
+                reply["m"] = [{"a": inputs[id(t)]} if id(t) in inputs else
+                              [list(t.shape), list(t.stride()), t.storage_offset(), codec.dtype_name(t.dtype)]
+                              for t in outs]
+            if not isinstance(result, (torch.Tensor, list, tuple)):
+                reply["v"] = codec.encode_result(result)
+        return reply, []
+
+    def _inject_generator(self, info: OpInfo, args: list, kwargs: dict) -> None:
+        for i, a in enumerate(info.op._schema.arguments):
+            if a.name == info.generator_arg:
+                if not a.kwarg_only and i < len(args):
+                    args[i] = self.generator
+                else:
+                    kwargs[a.name] = self.generator
+
+    def _conform(self, info: OpInfo, t: torch.Tensor, meta) -> torch.Tensor | str:
+        """The output in the layout its meta kernel promised the robot.
+
+        Where a kernel disagrees with its meta kernel on shape or dtype (CPU batch norm in
+        eval returns empty statistics), the output becomes a reason string: the handle is
+        then unusable rather than wrong.
+        """
+        shape, stride, offset, dtype, new_bytes = meta
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            return (f"{info.op.name()} produced a {list(t.shape)} {t.dtype} tensor here where its meta kernel "
+                    f"promised {list(shape)} {dtype}, so rrto cannot use this output")
+        if t.stride() == stride or t.numel() <= 1:
+            return t
+        if not new_bytes:
+            raise OpError(f"{info.op.name()} returned a view whose layout differs from its meta kernel's")
+        out = torch.empty_strided(shape, stride, dtype=dtype, device=t.device)
+        out.copy_(t)
+        return out
+
+    def _get(self, t: torch.Tensor) -> tuple[dict, list]:
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        desc, buf, _ = codec.tensor_frame(t)
+        return {"d": desc}, [buf]
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return t.clone(memory_format=torch.preserve_format)
+        return t.to(self.device, non_blocking=False)
+
+    # -- the handle table ------------------------------------------------------------
+
+    def _tensor(self, h) -> torch.Tensor:
+        try:
+            return self.handles[h]
+        except (KeyError, TypeError):
+            if h in self.unusable:
+                raise OpError(self.unusable[h]) from None
+            raise OpError(f"tensor handle {str(h)[:20]} is not one of this session's tensors "
+                          "(never created here, already freed, or its producing op failed)") from None
+
+    def _reserve(self, nbytes: int) -> None:
+        if self.live_bytes + nbytes > self.limits.max_session_bytes:
+            raise OpError(f"session memory limit reached: {self.live_bytes / 2**20:.1f} MiB held, "
+                          f"{nbytes / 2**20:.1f} MiB more asked, limit "
+                          f"{self.limits.max_session_bytes / 2**20:.0f} MiB", kind="quota")
+
+    def _check_new(self, h) -> None:
+        if type(h) is not int or not 0 < h < MAX_HANDLE:
+            raise OpError(f"bad tensor handle {str(h)[:20]}")
+        if h in self.handles or h in self.unusable:
+            raise OpError(f"tensor handle {h} is already in use in this session")
+        if len(self.handles) + len(self.unusable) >= self.limits.max_handles:
+            raise OpError(f"session holds {len(self.handles)} tensors, the most this server allows", kind="quota")
+
+    def _bind(self, h, t: torch.Tensor) -> None:
+        self._check_new(h)
+        self.handles[h] = t
+        st = t.untyped_storage()
+        entry = self._storages.get(st._cdata)
+        if entry is None:
+            self._storages[st._cdata] = [st.nbytes(), 1]
+            self.live_bytes += st.nbytes()
+        else:
+            entry[1] += 1
+
+    def _unusable(self, h, reason: str) -> None:
+        self._check_new(h)
+        self.unusable[h] = reason
+
+    def _free(self, handles) -> None:
+        if not handles or type(handles) is not list:
+            return
+        for h in handles:
+            t = self.handles.pop(h, None) if type(h) is int else None
+            if t is None:
+                if type(h) is int:
+                    self.unusable.pop(h, None)
+                continue
+            key = t.untyped_storage()._cdata
+            entry = self._storages[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._storages[key]
+                self.live_bytes -= entry[0]
+
+
+def _frame(frames: list, i: int):
+    if i >= len(frames):
+        raise OpError(f"request needs tensor frame {i} but carries {len(frames)}")
+    return frames[i]
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().split("\n")[0][:400]
