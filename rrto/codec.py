@@ -138,6 +138,8 @@ def frame_tensor(desc: Any, frame: Any, max_bytes: int) -> torch.Tensor:
     if nbytes > max_bytes:
         raise CodecError(f"tensor of {nbytes} bytes is over the {max_bytes}-byte limit")
     buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    if buf.readonly:  # torch tensors must own writable memory
+        buf = memoryview(bytearray(buf))
     if buf.nbytes != nbytes:
         raise CodecError(f"frame has {buf.nbytes} bytes but a {dtype_name(dtype)} tensor of shape {shape} needs {nbytes}")
     if numel == 0:

@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import signal
+import threading
 import time
 
 import torch
@@ -18,7 +19,7 @@ import zmq
 
 from rrto import codec
 
-from .ops import OpTable, SizeCheck
+from .ops import OpTable, SizeCheck, warm_up
 from .session import Limits, Session
 
 log = logging.getLogger("rrto.server")
@@ -47,6 +48,9 @@ class Daemon:
         self.replies = self.ctx.socket(zmq.PULL)
         self.replies.bind(REPLIES)
         self._hello_info = self._describe()
+        # Exiting while this thread is inside torch's C++ aborts the process: close() joins it.
+        self._warm_up = threading.Thread(target=warm_up, name="rrto-warm-up", daemon=True)
+        self._warm_up.start()
 
     def _describe(self) -> dict:
         d = self.device
@@ -172,6 +176,7 @@ class Daemon:
             self._end(token)
         for s in ending:
             s.thread.join(timeout=5.0)
+        self._warm_up.join(timeout=30.0)
         self.router.close(linger=0)
         self.replies.close(linger=0)
         self.ctx.destroy(linger=0)

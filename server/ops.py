@@ -49,6 +49,11 @@ _scaled_dot_product_flash_attention _scaled_dot_product_flash_attention_for_cpu
 _scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention
 pdist _pdist_forward cosine_similarity pairwise_distance nll_loss_forward nll_loss2d_forward mse_loss
 l1_loss smooth_l1_loss huber_loss binary_cross_entropy binary_cross_entropy_with_logits kl_div
+to type_as view_as reshape_as flatten squeeze_ unsqueeze_ t_ transpose_ swapaxes swapdims moveaxis
+broadcast_to broadcast_tensors atleast_1d atleast_2d atleast_3d meshgrid hstack vstack dstack column_stack
+tile fliplr flipud take_along_dim argwhere tensordot kron diff inner ger dropout feature_dropout alpha_dropout
+pad _pad_enum conv1d conv2d conv3d _convolution_mode relu6 prelu _prelu_kernel glu log_sigmoid
+log_sigmoid_forward hardswish hardswish_ floor_divide fix numpy_T mT mH adjoint expand_copy
 _local_scalar_dense item is_nonzero equal allclose isclose is_same_size complex polar cross linalg_cross
 linalg_inv_ex _linalg_solve_ex linalg_cholesky_ex _linalg_det _linalg_svd linalg_qr _linalg_eigh
 linalg_lu_factor_ex linalg_lu_solve triangular_solve linalg_solve_triangular _fft_r2c _fft_c2r _fft_c2c
@@ -130,7 +135,7 @@ class OpTable:
 def signature(x):
     """Hashable key of op arguments: tensors by metadata, everything else by value."""
     if isinstance(x, torch.Tensor):
-        return (tuple(x.shape), x.stride(), x.storage_offset(), x.dtype)
+        return (tuple(x.shape), x.stride(), x.storage_offset(), x.dtype, x.untyped_storage().nbytes())
     if isinstance(x, (list, tuple)):
         return tuple(signature(y) for y in x)
     if isinstance(x, dict):
@@ -141,8 +146,9 @@ def signature(x):
 
 
 def to_meta(x):
-    if isinstance(x, torch.Tensor):
-        return torch.empty(0, dtype=x.dtype, device="meta").as_strided(x.shape, x.stride(), x.storage_offset())
+    if isinstance(x, torch.Tensor):  # same storage size as the real tensor, so in-place checks agree
+        n = x.untyped_storage().nbytes() // x.element_size()
+        return torch.empty(n, dtype=x.dtype, device="meta").as_strided(x.shape, x.stride(), x.storage_offset())
     if isinstance(x, list):
         return [to_meta(y) for y in x]
     if isinstance(x, torch.device):
@@ -170,7 +176,8 @@ class SizeCheck:
     def outputs(self, info: OpInfo, args: list, kwargs: dict) -> list | None:
         """[(shape, stride, offset, dtype, new_bytes)] per output tensor; None when data decides.
 
-        ``new_bytes`` is 0 for outputs that alias an input (views, in-place results).
+        ``new_bytes`` is 0 for outputs that share an input's storage (views, in-place results),
+        except where the op grows that storage.
         """
         key = (info.op, signature(args), signature(kwargs))
         try:
@@ -182,6 +189,8 @@ class SizeCheck:
         margs, mkwargs = to_meta(args), {k: to_meta(v) for k, v in kwargs.items()}
         if info.generator_arg:
             mkwargs.pop(info.generator_arg, None)
+        inputs = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+                  for t in flat_tensors([margs, list(mkwargs.values())], [])}
         try:
             res = info.op(*margs, **mkwargs)
         except Exception as e:  # noqa: BLE001 - any failure of a meta kernel means "cannot size-check"
@@ -192,10 +201,13 @@ class SizeCheck:
                 raise OpError(f"op {info.op.name()} cannot be size-checked on this server (no meta kernel)",
                               kind="unsupported") from None
             raise OpError(f"{info.op.name()}: {_short(e)}") from None
-        inputs = {t.untyped_storage()._cdata for t in flat_tensors([margs, list(mkwargs.values())], [])}
         outs = []
         for t in flat_tensors(res, []):
-            nbytes = 0 if t.untyped_storage()._cdata in inputs else t.numel() * t.element_size()
+            st = t.untyped_storage()
+            before = inputs.get(st._cdata)
+            # An output sharing an input's storage costs nothing, unless the op grew that
+            # storage (an out= tensor resized): then the grown storage counts in full.
+            nbytes = st.nbytes() if before is None or st.nbytes() > before else 0
             if nbytes > self.max_tensor_bytes:
                 raise OpError(f"{info.op.name()} would create a {list(t.shape)} {t.dtype} tensor of "
                               f"{nbytes / 2**20:.1f} MiB, over this server's per-tensor limit of "
@@ -213,6 +225,13 @@ class SizeCheck:
         if bound > self.max_tensor_bytes:
             raise OpError(f"{info.op.name()} on inputs this large could exceed this server's per-tensor limit",
                           kind="quota")
+
+
+def warm_up() -> None:
+    """Run the meta kernels that are Python code once: their first call imports ~1 s of torch."""
+    x, w, c = (torch.empty(s, device="meta") for s in ((1, 4, 8, 8), (4, 4, 3, 3), (4,)))
+    torch.ops.aten.convolution.default(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    torch.ops.aten.native_batch_norm.default(x, c, c, c, c, False, 0.1, 1e-5)
 
 
 def _is_meta_gap(e: Exception) -> bool:

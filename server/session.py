@@ -181,7 +181,10 @@ class Session:
             if not isinstance(handles, list) or (handles and len(handles) != len(outs)):
                 raise OpError(f"{info.op.name()} returns {len(outs)} tensors but {len(handles)} handles were given")
         if metas is not None:
-            outs = [self._conform(info, t, m) for t, m in zip(outs, metas)]
+            outs = [self._conform(info, t, m, args, kwargs) for t, m in zip(outs, metas)]
+            for t, m in zip(outs, metas):
+                if m[4] and id(t) in inputs:  # an out= tensor grew
+                    self._regrow(t)
         for hd, t in zip(handles, outs):
             if hd is None:
                 continue
@@ -209,20 +212,21 @@ class Session:
                 else:
                     kwargs[a.name] = self.generator
 
-    def _conform(self, info: OpInfo, t: torch.Tensor, meta) -> torch.Tensor | str:
+    def _conform(self, info: OpInfo, t: torch.Tensor, meta, args, kwargs) -> torch.Tensor | str:
         """The output in the layout its meta kernel promised the robot.
 
         Where a kernel disagrees with its meta kernel on shape or dtype (CPU batch norm in
         eval returns empty statistics), the output becomes a reason string: the handle is
         then unusable rather than wrong.
         """
-        shape, stride, offset, dtype, new_bytes = meta
+        shape, stride, offset, dtype, _ = meta
         if t.dtype != dtype or tuple(t.shape) != shape:
             return (f"{info.op.name()} produced a {list(t.shape)} {t.dtype} tensor here where its meta kernel "
                     f"promised {list(shape)} {dtype}, so rrto cannot use this output")
         if t.stride() == stride or t.numel() <= 1:
             return t
-        if not new_bytes:
+        storages = {x.untyped_storage()._cdata for x in flat_tensors([args, list(kwargs.values())], [])}
+        if t.untyped_storage()._cdata in storages:  # a view or in-place result: a copy would break it
             raise OpError(f"{info.op.name()} returned a view whose layout differs from its meta kernel's")
         out = torch.empty_strided(shape, stride, dtype=dtype, device=t.device)
         out.copy_(t)
@@ -278,6 +282,13 @@ class Session:
     def _unusable(self, h, reason: str) -> None:
         self._check_new(h)
         self.unusable[h] = reason
+
+    def _regrow(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        entry = self._storages.get(st._cdata)
+        if entry is not None and entry[0] != st.nbytes():
+            self.live_bytes += st.nbytes() - entry[0]
+            entry[0] = st.nbytes()
 
     def _free(self, handles) -> None:
         if not handles or type(handles) is not list:

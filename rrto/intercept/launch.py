@@ -108,7 +108,7 @@ class Offload:
         self.modes = self.push_modes()
 
     def push_modes(self) -> list:
-        modes = [DeviceFunctionMode(local=self.runtime is None)]
+        modes = [DeviceFunctionMode(self.runtime)]
         for m in modes:
             m.__enter__()
         return modes

@@ -31,9 +31,10 @@ def _is_cuda(device) -> bool:
 class DeviceFunctionMode(TorchFunctionMode):
     """Routes the Python calls that name the cuda device to rrto (or to the CPU, in local mode)."""
 
-    def __init__(self, local: bool):
+    def __init__(self, runtime):
         super().__init__()
-        self.local = local
+        self.runtime = runtime
+        self.local = runtime is None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -52,14 +53,21 @@ class DeviceFunctionMode(TorchFunctionMode):
             if self.local:
                 return func(*args, **{**kwargs, "device": _CPU})
             if func in _DATA_FACTORIES:
-                cpu = func(*args, **{**kwargs, "device": _CPU})
-                return aten._to_copy.default(cpu, device=CUDA0)
+                cpu = func(*args, **{**kwargs, "device": _CPU, "requires_grad": False})
+                out = self.runtime.upload(cpu)
+                return out.requires_grad_() if kwargs.get("requires_grad") else out
         return func(*args, **kwargs)
 
     def _cuda(self, t, device=None, non_blocking=False, memory_format=torch.preserve_format):
         if self.local or type(t) is RemoteTensor:
             return t
-        return aten._to_copy.default(t, device=CUDA0, non_blocking=non_blocking, memory_format=memory_format)
+        return self._upload(t, None, non_blocking, memory_format)
+
+    def _upload(self, t, dtype, non_blocking, memory_format):
+        if t.requires_grad and torch.is_grad_enabled():  # let autograd record the copy
+            return aten._to_copy.default(t, dtype=dtype, device=CUDA0, non_blocking=non_blocking,
+                                         memory_format=memory_format)
+        return self.runtime.upload(t, dtype, memory_format, non_blocking)
 
     def _to(self, args, kwargs):
         t = args[0]
@@ -70,8 +78,7 @@ class DeviceFunctionMode(TorchFunctionMode):
             return t.to(_CPU, dtype, non_blocking, copy_, memory_format=memory_format or torch.preserve_format)
         if type(t) is RemoteTensor and not copy_:
             return t if dtype in (None, t.dtype) else aten._to_copy.default(t, dtype=dtype)
-        return aten._to_copy.default(t, dtype=dtype, device=CUDA0, non_blocking=non_blocking,
-                                     memory_format=memory_format)
+        return self._upload(t, dtype, non_blocking, memory_format)
 
 
 def _parse_to(args, kwargs):

@@ -45,7 +45,7 @@ class RemoteTensor(torch.Tensor):
 
     def __del__(self):
         rt = self.__dict__.get("_rt")
-        if rt is not None:
+        if rt is not None and self.__dict__.get("_h") is not None:
             rt.release(self._h)
 
     # -- what needs the data itself ------------------------------------------------

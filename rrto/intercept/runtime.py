@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +36,15 @@ _NAMED_OUTPUTS = 256  # handle block for outputs only the server can size (see s
 
 
 class Alias:
-    """An op output that is one of its input tensors (in-place and out= ops)."""
-    __slots__ = ("index",)
+    """An op output that is one of its input tensors (in-place and out= ops).
 
-    def __init__(self, index: int):
-        self.index = index
+    ``meta`` is set when the op changes that tensor's shape or strides (``resize_`` of
+    an ``out=`` tensor, ``unsqueeze_``): the robot-side tensor then takes it on.
+    """
+    __slots__ = ("index", "meta")
+
+    def __init__(self, index: int, meta: TensorMeta | None = None):
+        self.index, self.meta = index, meta
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Plan:
     template: Any = None  # the result with TensorMeta / Alias leaves
     server_shapes: bool = False  # outputs depend on data: the server names and sizes them
     local: bool = False  # answered from metadata alone (template is the value)
+    uploads: int = 0  # CPU tensors that travel inline with the op
 
 
 class Runtime:
@@ -62,6 +68,9 @@ class Runtime:
         self.closed = False
         self._last_sync = (time.perf_counter(), stats.messages_sent, stats.round_trips,
                            stats.bytes_sent, stats.bytes_received)
+        # Exiting while this thread is inside torch's C++ aborts the process: close() joins it.
+        self._warm_up = threading.Thread(target=_warm_up_meta_kernels, name="rrto-warm-up", daemon=True)
+        self._warm_up.start()
 
     # -- the hot path ----------------------------------------------------------------
 
@@ -73,7 +82,7 @@ class Runtime:
         self.stats.ops_intercepted += 1
         special = _SPECIAL.get(func)
         if special is not None:
-            out = special(self, args, kwargs)
+            out = special(self, func, args, kwargs)
             if out is not NotImplemented:
                 return out
         tensors: list = []
@@ -92,7 +101,9 @@ class Runtime:
         else:
             self.stats.meta_cache_hits += 1
         if plan.local:
-            return plan.template
+            return self._materialize(plan.template, tensors, [])
+        if plan.uploads:
+            self.stats.uploads += plan.uploads
         if plan.server_shapes:
             return self._run_server_shaped(func, plan, args, kwargs, tensors)
         handles: list = []
@@ -108,7 +119,10 @@ class Runtime:
             return RemoteTensor(tpl, h, self)
         if t is Alias:
             handles.append(None)
-            return tensors[tpl.index]
+            out = tensors[tpl.index]
+            if tpl.meta is not None:
+                _set_meta(out, tpl.meta)
+            return out
         if t is tuple or t is list:
             return t(self._materialize(x, tensors, handles) for x in tpl)
         return tpl
@@ -138,6 +152,7 @@ class Runtime:
             if type(t) is not RemoteTensor and t.dim() > 0 and func not in _CPU_ARGS_OK:
                 raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
                                    f"devices, cuda:0 and {t.device}! (in {name})")
+        uploads = sum(type(t) is not RemoteTensor for t in tensors)
         metas: list = []
         margs = _to_meta(args, metas)
         mkwargs = {k: _to_meta(v, metas) for k, v in kwargs.items()}
@@ -145,13 +160,13 @@ class Runtime:
             res = func(*margs, **mkwargs)
         except Exception as e:  # noqa: BLE001
             if isinstance(e, NotImplementedError) or "meta" in str(e).lower():
-                return Plan(name, server_shapes=True)  # shapes depend on data, or no meta kernel
+                return Plan(name, server_shapes=True, uploads=uploads)  # data decides the shapes
             raise
         index = {id(m): i for i, m in enumerate(metas)}
-        template = _template(res, index, metas, tensors, name)
-        if _no_tensors(res) and not func._schema.is_mutable:
-            return Plan(name, template=res, local=True)
-        return Plan(name, template=template)
+        template = _template(res, index, tensors)
+        if not func._schema.is_mutable and (_no_tensors(res) or type(template) is Alias):
+            return Plan(name, template=template, local=True)  # metadata answers it: no message
+        return Plan(name, template=template, uploads=uploads)
 
     def _wire_name(self, func) -> str:
         name = self._names.get(func)
@@ -218,6 +233,7 @@ class Runtime:
     def close(self) -> None:
         if self.closed:
             return
+        self._warm_up.join(timeout=30.0)
         try:
             self.streamer.request("bye")
         finally:
@@ -226,7 +242,7 @@ class Runtime:
 
 # -- special ops: data crossing between the robot and the virtual device ----------------
 
-def _to_copy(rt: Runtime, args, kwargs):
+def _to_copy(rt: Runtime, func, args, kwargs):
     src, device = args[0], kwargs.get("device")
     remote = type(src) is RemoteTensor
     if not remote and device is not None and device.type == "cuda":
@@ -242,7 +258,16 @@ def _to_copy(rt: Runtime, args, kwargs):
     return NotImplemented
 
 
-def _copy_(rt: Runtime, args, kwargs):
+def _to(rt: Runtime, func, args, kwargs):
+    """``aten::to`` overloads (seen instead of _to_copy under inference_mode)."""
+    a = {**dict(zip([x.name for x in func._schema.arguments], args)), **kwargs}
+    device = a["other"].device if "other" in a else a.get("device")
+    if device is not None and device.type == "cpu":
+        return _to_copy(rt, func, (args[0],), {"device": device, "dtype": a.get("dtype")})
+    return NotImplemented
+
+
+def _copy_(rt: Runtime, func, args, kwargs):
     dst, src = args[0], args[1]
     if type(dst) is not RemoteTensor:  # remote -> CPU tensor: download, then copy locally
         dst.copy_(rt.download(src))
@@ -250,10 +275,23 @@ def _copy_(rt: Runtime, args, kwargs):
     return NotImplemented
 
 
-_SPECIAL = {aten._to_copy.default: _to_copy, aten.copy_.default: _copy_}
+def _shallow_copy_compatible(rt: Runtime, func, args, kwargs):
+    return (type(args[0]) is RemoteTensor) == (type(args[1]) is RemoteTensor)
+
+
+_SPECIAL = {aten._to_copy.default: _to_copy, aten.copy_.default: _copy_,
+            **{getattr(aten.to, o): _to for o in ("dtype_layout", "device", "dtype", "other")},
+            aten._has_compatible_shallow_copy_type.default: _shallow_copy_compatible}
 
 
 # -- helpers -----------------------------------------------------------------------------
+
+def _warm_up_meta_kernels() -> None:
+    """Meta kernels written in Python import ~1 s of torch on first use: pay it while the app loads."""
+    x, w, c = (torch.empty(s, device="meta") for s in ((1, 4, 8, 8), (4, 4, 3, 3), (4,)))
+    aten.convolution.default(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    aten.native_batch_norm.default(x, c, c, c, c, False, 0.1, 1e-5)
+
 
 def _handle_of(t: torch.Tensor) -> int | None:
     return t._h if type(t) is RemoteTensor else None
@@ -276,7 +314,9 @@ def _sig(x, tensors: list):
 
 
 def _meta(m: TensorMeta) -> torch.Tensor:
-    return aten.as_strided.default(aten.empty.memory_format([0], dtype=m.dtype, device=_META),
+    """A metadata-only stand-in, its storage as large as the real one must be."""
+    extent = m.offset + 1 + sum((n - 1) * s for n, s in zip(m.shape, m.stride)) if all(m.shape) else 0
+    return aten.as_strided.default(aten.empty.memory_format([extent], dtype=m.dtype, device=_META),
                                    m.shape, m.stride, m.offset)
 
 
@@ -297,21 +337,29 @@ def _to_meta(x, metas: list):
     return x
 
 
-def _template(res, index: dict, metas: list, tensors: list, name: str):
+def _template(res, index: dict, tensors: list):
     if isinstance(res, torch.Tensor):
         i = index.get(id(res))
         if i is None:
             return TensorMeta(tuple(res.shape), res.stride(), res.storage_offset(), res.dtype)
+        meta = TensorMeta(tuple(res.shape), res.stride(), res.storage_offset(), res.dtype)
         before = tensors[i]
-        if (tuple(res.shape), res.stride(), res.storage_offset()) != (tuple(before.shape), before.stride(),
-                                                                      before.storage_offset()):
-            raise UnsupportedOpError(
-                f"rrto: {name} changes the shape or strides of a tensor in place, which the virtual cuda "
-                "device does not support yet; use the out-of-place form (e.g. x = x.unsqueeze(0)).")
-        return Alias(i)
+        changed = (meta.shape, meta.stride, meta.offset) != (tuple(before.shape), before.stride(),
+                                                             before.storage_offset())
+        return Alias(i, meta if changed else None)
     if isinstance(res, (tuple, list)):
-        return type(res)(_template(r, index, metas, tensors, name) for r in res)
+        return type(res)(_template(r, index, tensors) for r in res)
     return res
+
+
+def _set_meta(t: torch.Tensor, meta: TensorMeta) -> None:
+    """Give a robot-side tensor new shape and strides in place, keeping the Python object."""
+    if type(t) is not RemoteTensor:
+        raise UnsupportedOpError("rrto: an op changed the shape of a CPU tensor given with cuda tensors")
+    shell = RemoteTensor.__new__(RemoteTensor, meta, t._h, None)  # rt None: the shell frees nothing
+    with torch._C.DisableTorchFunction():
+        t.data = shell  # shallow-copies the metadata into t's TensorImpl
+    t._meta = meta
 
 
 def _no_tensors(res) -> bool:

@@ -1,0 +1,313 @@
+"""The virtual cuda device, one test per promise, each against a real server process."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import rrto
+from rrto.intercept.remote_tensor import RemoteTensor
+
+
+def test_cuda_is_available_only_while_offloading(server):
+    before = torch.cuda.is_available()
+    with rrto.offload(server=server.url):
+        assert torch.cuda.is_available() is True
+    assert torch.cuda.is_available() == before  # restored: False on this CPU-only torch
+    assert before is False
+
+
+def test_device_queries(remote):
+    assert torch.cuda.device_count() == 1
+    assert torch.cuda.current_device() == 0
+    assert "rrto remote cpu" in torch.cuda.get_device_name()
+    assert torch.cuda.get_device_name(0) == torch.cuda.get_device_properties(0).name
+    assert torch.cuda.is_initialized()
+
+
+def test_synchronize_waits_for_the_server(remote):
+    x = torch.ones(100, device="cuda")
+    for _ in range(10):
+        x.add_(1)
+    rt_before = remote.stats.round_trips
+    torch.cuda.synchronize()
+    assert remote.stats.round_trips == rt_before + 1
+    assert remote.stats.syncs == 1
+    assert x[0].item() == 11.0
+
+
+def test_torch_device_cuda(remote):
+    dev = torch.device("cuda")
+    x = torch.arange(4.0).to(dev)
+    assert x.device == torch.device("cuda", 0)
+    assert x.device.type == "cuda"
+
+
+def test_model_cuda_and_to_cuda(remote):
+    torch.manual_seed(0)
+    for move in (lambda m: m.cuda(), lambda m: m.to("cuda")):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(8 * 6 * 6, 5)).eval()
+        x = torch.randn(2, 3, 6, 6)
+        with torch.no_grad():
+            expected = model(x)
+            moved = move(model)
+            assert moved is model
+            assert all(isinstance(p, RemoteTensor) and p.is_cuda for p in model.parameters())
+            assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+            assert all(b.is_cuda for b in model.buffers())
+            out = model(x.cuda())
+        assert torch.equal(out.cpu(), expected)
+
+
+def test_tensor_cuda_and_to_non_blocking(remote):
+    x = torch.randn(3, 4)
+    a, b = x.cuda(), x.to("cuda", non_blocking=True)
+    c, d = x.cuda(0), x.to(torch.device("cuda:0"), torch.float64)
+    assert all(t.is_cuda for t in (a, b, c, d))
+    assert d.dtype == torch.float64
+    assert torch.equal(a.cpu(), x) and torch.equal(b.cpu(), x) and torch.equal(c.cpu(), x)
+    assert torch.equal(d.cpu(), x.double())
+    assert a.cuda() is a and a.to("cuda") is a  # already there: no copy, as on a GPU
+    assert remote.stats.uploads >= 4
+
+
+def test_upload_copies_the_data_at_call_time(remote):
+    buf = torch.zeros(1000)
+    x = buf.cuda()  # blocking copy: later writes to buf must not show up on the device
+    buf.fill_(7)
+    assert torch.equal(x.cpu(), torch.zeros(1000))
+
+
+def test_channels_last_layout_survives_upload(remote):
+    x = torch.randn(1, 3, 4, 5).to(memory_format=torch.channels_last)
+    y = x.cuda()
+    assert y.stride() == x.stride()
+    assert torch.equal(y.cpu(), x)
+
+
+@pytest.mark.parametrize("make, check", [
+    (lambda: torch.zeros(2, 3, device="cuda"), lambda t: torch.equal(t.cpu(), torch.zeros(2, 3))),
+    (lambda: torch.ones(4, dtype=torch.int64, device="cuda"), lambda t: t.cpu().tolist() == [1, 1, 1, 1]),
+    (lambda: torch.empty(5, device="cuda"), lambda t: t.shape == (5,) and t.is_cuda),
+    (lambda: torch.arange(2, 11, 3, device="cuda"), lambda t: t.cpu().tolist() == [2, 5, 8]),
+    (lambda: torch.tensor([[1.5, 2.0]], device="cuda"), lambda t: t.cpu().tolist() == [[1.5, 2.0]]),
+    (lambda: torch.full((2,), 3.25, device="cuda"), lambda t: t.cpu().tolist() == [3.25, 3.25]),
+    (lambda: torch.linspace(0, 1, 5, device="cuda"), lambda t: torch.equal(t.cpu(), torch.linspace(0, 1, 5))),
+    (lambda: torch.eye(3, device="cuda"), lambda t: torch.equal(t.cpu(), torch.eye(3))),
+])
+def test_factories_on_the_device(remote, make, check):
+    t = make()
+    assert t.device.type == "cuda"
+    assert check(t)
+
+
+def test_like_factories(remote):
+    base = torch.randn(2, 3).cuda()
+    cpu = torch.randn(4)
+    for t, value in [(torch.zeros_like(base), 0.0), (torch.ones_like(base), 1.0), (torch.full_like(base, 2.5), 2.5)]:
+        assert t.is_cuda and t.shape == base.shape
+        assert torch.equal(t.cpu(), torch.full((2, 3), value))
+    assert torch.empty_like(base).shape == (2, 3)
+    r = torch.randn_like(base)
+    assert r.is_cuda and r.shape == (2, 3) and r.cpu().std() > 0
+    z = torch.zeros_like(cpu, device="cuda")
+    assert z.is_cuda and torch.equal(z.cpu(), torch.zeros(4))
+    n = base.new_zeros(3)
+    assert n.is_cuda and n.cpu().tolist() == [0, 0, 0]
+
+
+def test_randn_follows_the_seed(remote):
+    torch.manual_seed(123)
+    a = torch.randn(8, device="cuda").cpu()
+    torch.manual_seed(123)
+    b = torch.randn(8, device="cuda").cpu()
+    torch.cuda.manual_seed(7)
+    c = torch.randn(8, device="cuda").cpu()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert 0.2 < a.std() < 3
+
+
+def test_empty_never_shows_leftover_memory(remote):
+    # Another tensor's bytes must not be readable through an uninitialised allocation.
+    secret = torch.full((4096,), 1234.5).cuda()
+    del secret
+    torch.cuda.synchronize()
+    leak = torch.empty(4096, device="cuda").cpu()
+    assert torch.equal(leak, torch.zeros(4096))
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_no_grad_and_inference_mode(remote, context):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(3, 6)
+    expected = model(x).detach()
+    model.cuda()
+    with context():
+        out = model(x.cuda())
+        assert not out.requires_grad
+        assert torch.equal(out.cpu(), expected)
+
+
+def test_in_place_ops(remote):
+    x = torch.arange(6.0).view(2, 3)
+    y = x.cuda()
+    ret = y.add_(1)
+    assert ret is y
+    y.mul_(2).clamp_(max=9)
+    y[0].zero_()
+    expected = x.add(1).mul(2).clamp(max=9)
+    expected[0].zero_()
+    assert torch.equal(y.cpu(), expected)
+
+
+def test_in_place_shape_change(remote):
+    x = torch.arange(6.0).cuda()
+    x.unsqueeze_(0)
+    assert x.shape == (1, 6)
+    x.t_()
+    assert x.shape == (6, 1)
+    out = torch.empty(0, device="cuda")
+    torch.add(torch.ones(3).cuda(), 1, out=out)  # resizes out, as on a GPU
+    assert out.shape == (3,) and out.cpu().tolist() == [2.0, 2.0, 2.0]
+
+
+def test_views_and_slicing(remote):
+    x = torch.arange(24.0).view(2, 3, 4)
+    y = x.cuda()
+    cases = [lambda t: t[0], lambda t: t[:, 1:], lambda t: t[..., ::2], lambda t: t[None, 1, :, -1],
+             lambda t: t.transpose(0, 2), lambda t: t.permute(2, 0, 1).reshape(4, 6), lambda t: t.view(-1, 4),
+             lambda t: t[:, [2, 0]], lambda t: t[torch.tensor([1, 0])], lambda t: t.narrow(2, 1, 2),
+             lambda t: t.unbind(1)[2], lambda t: t.split(2, dim=2)[1], lambda t: t.flatten(1).T]
+    for f in cases:
+        got = f(y)
+        assert got.is_cuda
+        assert got.shape == f(x).shape and got.stride() == f(x).stride()
+        assert torch.equal(got.cpu(), f(x))
+    v = y[1]  # a view: writing through it changes the base, as on a GPU
+    v.fill_(-1)
+    y[0, :, 0] = 100
+    x[1] = -1
+    x[0, :, 0] = 100
+    assert torch.equal(y.cpu(), x)
+
+
+def test_cpu_item_tolist_numpy(remote):
+    x = torch.tensor([[1.5, -2.0], [3.0, 4.25]])
+    y = x.cuda()
+    c = y.cpu()
+    assert type(c) is torch.Tensor and c.device.type == "cpu"
+    assert torch.equal(c, x)
+    assert y[1, 1].item() == 4.25
+    assert y.sum().item() == pytest.approx(6.75)
+    assert y.tolist() == x.tolist()
+    assert np.array_equal(y.cpu().numpy(), x.numpy())
+    with pytest.raises(TypeError, match="Use Tensor.cpu"):
+        y.numpy()
+    assert int(y[0, 0] > 0) == 1 and bool(y[0, 1] < 0) and float(y[1, 0]) == 3.0
+    assert f"{y[0, 0]:.2f}" == "1.50"
+
+
+def test_print_tensor(remote, capsys):
+    y = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).cuda()
+    print(y)
+    out = capsys.readouterr().out
+    assert out.strip() == "tensor([[1., 2.],\n        [3., 4.]], device='cuda:0')"
+    assert repr(torch.tensor([1, 2], dtype=torch.int32).cuda()) == \
+        "tensor([1, 2], device='cuda:0', dtype=torch.int32)"
+    assert repr(torch.tensor(2.5).cuda()) == "tensor(2.5000, device='cuda:0')"
+
+
+def test_device_and_is_cuda(remote):
+    y = torch.ones(2).cuda()
+    assert y.device == torch.device("cuda:0")
+    assert y.is_cuda
+    assert y.get_device() == 0
+    assert not y.cpu().is_cuda
+
+
+def test_data_dependent_shapes(remote):
+    x = torch.tensor([[0.5, -1.0, 2.0], [3.0, 0.0, -4.0]])
+    y = x.cuda()
+    assert torch.equal(torch.nonzero(y > 0).cpu(), torch.nonzero(x > 0))
+    assert torch.equal(y[y > 0].cpu(), x[x > 0])
+    u = torch.tensor([3, 1, 3, 2, 1]).cuda()
+    assert torch.unique(u).cpu().tolist() == [1, 2, 3]
+    values, counts = torch.unique(u, return_counts=True)
+    assert values.cpu().tolist() == [1, 2, 3] and counts.cpu().tolist() == [2, 1, 2]
+    masked = y[y > 0]
+    assert masked.shape == (3,)
+    assert (masked * 2).sum().item() == pytest.approx(11.0)  # a server-shaped result keeps working
+
+
+def test_ops_that_need_no_data_do_not_wait(remote):
+    x = torch.randn(8, 16).cuda()
+    w = torch.randn(4, 16).cuda()
+    torch.cuda.synchronize()
+    waits = remote.stats.round_trips
+    for _ in range(3):
+        y = torch.nn.functional.linear(x, w).relu().softmax(-1)[:, :2].contiguous()
+        assert y.shape == (8, 2)
+    assert remote.stats.round_trips == waits  # every shape came from the robot's meta kernels
+    assert remote.stats.meta_cache_hits > 0
+
+
+def test_unsupported_op_names_itself(remote):
+    x = torch.randn(4).cuda()
+    with pytest.raises(rrto.UnsupportedOpError, match=r"aten::bincount"):
+        torch.bincount(torch.tensor([1, 2, 2]).cuda())
+    assert x.add(1).cpu().shape == (4,)  # the session keeps working
+
+
+def test_cuda_and_cpu_tensors_do_not_mix(remote):
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ones(3).cuda() + torch.ones(3)
+    assert (torch.ones(3).cuda() * torch.tensor(2.0)).cpu().tolist() == [2, 2, 2]  # CPU scalars may
+
+
+def test_threads_see_the_virtual_device(remote):
+    results = {}
+
+    def worker():
+        results["t"] = (torch.arange(3.0).cuda() * 2).cpu()
+
+    th = threading.Thread(target=worker)
+    th.start()
+    th.join()
+    assert torch.equal(results["t"], torch.tensor([0.0, 2.0, 4.0]))
+
+
+def test_streams_events_and_memory(remote):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    x = torch.randn(64, 64).cuda() @ torch.randn(64, 64).cuda()
+    end.record()
+    end.synchronize()
+    assert start.elapsed_time(end) >= 0
+    with torch.cuda.stream(torch.cuda.Stream()):
+        pass
+    torch.cuda.current_stream().synchronize()
+    assert torch.cuda.memory_allocated() >= x.numel() * 4
+    torch.cuda.empty_cache()
+
+
+def test_garbage_collected_tensors_are_freed_on_the_server(remote):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    for _ in range(20):
+        t = torch.ones(256, 1024).cuda()  # 1 MiB each; the previous one is garbage now
+        del t
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - base < 2 * 2**20
+
+
+def test_tensors_after_disable_say_so(server):
+    with rrto.offload(server=server.url):
+        x = torch.ones(2).cuda()
+    with pytest.raises(rrto.RrtoError, match="session that has ended"):
+        x + 1
