@@ -41,6 +41,8 @@ class Daemon:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.SNDHWM, 0)
         self.router.setsockopt(zmq.RCVHWM, 0)
+        # zmq drops a peer that sends a frame larger than this, before buffering it.
+        self.router.setsockopt(zmq.MAXMSGSIZE, limits.max_tensor_bytes + codec.MAX_HEADER_BYTES)
         if listen.endswith(":0"):
             listen = listen[:-2] + ":*"
         self.router.bind(listen)
@@ -128,7 +130,12 @@ class Daemon:
                             "unknown session: the server may have restarted or closed it after being idle. "
                             "Restart the app to open a new one.")
             return
-        session.submit(header, frames)
+        nbytes = sum(len(f) for f in frames)
+        if not session.submit(header, frames, nbytes):
+            self._error(identity, q, "quota",
+                        f"this session has {session.pending_bytes / 2**20:.0f} MiB of requests waiting to run, "
+                        "the most it may queue; wait for replies before sending more")
+            return
         if t == "bye":
             self.sessions.pop(session.token, None)
             log.info("session %s closed by the robot (%d ops run)", session.token[:8], session.ops_run)

@@ -50,6 +50,8 @@ class Session:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(CUDA_DEFAULT_SEED)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending_bytes = 0
+        self._pending_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"rrto-session-{token[:8]}", daemon=True)
         self.ops_run = 0
 
@@ -58,9 +60,15 @@ class Session:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, header: dict, frames: list) -> None:
+    def submit(self, header: dict, frames: list, nbytes: int) -> bool:
+        """Queue a request for the worker; False when the session's queue holds too much already."""
         self.last_seen = time.monotonic()
-        self.inbox.put((header, frames))
+        with self._pending_lock:  # frames wait in memory until they run: bounded like tensors
+            if self.pending_bytes + nbytes > self.limits.max_session_bytes:
+                return False
+            self.pending_bytes += nbytes
+        self.inbox.put((header, frames, nbytes))
+        return True
 
     def stop(self) -> None:
         self.inbox.put(None)
@@ -73,8 +81,10 @@ class Session:
                     item = self.inbox.get()
                     if item is None:
                         break
-                    header, frames = item
+                    header, frames, nbytes = item
                     reply = self.handle(header, frames)
+                    with self._pending_lock:
+                        self.pending_bytes -= nbytes
                     if reply is not None:
                         sock.send_multipart([self.identity, *codec.pack(*reply)], copy=False)
                     if header.get("t") == "bye":
@@ -180,7 +190,7 @@ class Session:
             handles = h.get("o", [])
             if not isinstance(handles, list) or (handles and len(handles) != len(outs)):
                 raise OpError(f"{info.op.name()} returns {len(outs)} tensors but {len(handles)} handles were given")
-        if metas is not None:
+        if metas is not None and "ob" not in h:  # the robot predicted these outputs: hold it to that
             outs = [self._conform(info, t, m, args, kwargs) for t, m in zip(outs, metas)]
             for t, m in zip(outs, metas):
                 if m[4] and id(t) in inputs:  # an out= tensor grew
@@ -192,7 +202,7 @@ class Session:
                 self._unusable(hd, t)
             else:
                 if info.uninitialised:
-                    t.zero_()
+                    t.untyped_storage().fill_(0)  # all of it: strides with gaps leave bytes unseen
                 self._bind(hd, t)
         reply: dict = {}
         if "q" in h:
@@ -229,6 +239,7 @@ class Session:
         if t.untyped_storage()._cdata in storages:  # a view or in-place result: a copy would break it
             raise OpError(f"{info.op.name()} returned a view whose layout differs from its meta kernel's")
         out = torch.empty_strided(shape, stride, dtype=dtype, device=t.device)
+        out.untyped_storage().fill_(0)
         out.copy_(t)
         return out
 

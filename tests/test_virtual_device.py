@@ -133,12 +133,19 @@ def test_randn_follows_the_seed(remote):
 
 
 def test_empty_never_shows_leftover_memory(remote):
-    # Another tensor's bytes must not be readable through an uninitialised allocation.
-    secret = torch.full((4096,), 1234.5).cuda()
-    del secret
-    torch.cuda.synchronize()
+    # Another tensor's bytes must not be readable through an uninitialised allocation. A freed
+    # block of the same size is what the allocator hands out next, so plant one each time.
+    def plant(numel: int) -> None:
+        secret = torch.full((numel,), 1234.5).cuda()
+        secret.add_(1)  # run on the server, then free it there
+        del secret
+
+    plant(4096)
     leak = torch.empty(4096, device="cuda").cpu()
     assert torch.equal(leak, torch.zeros(4096))
+    plant(4033)
+    gapped = torch.empty_strided((64,), (64,), device="cuda")  # storage of 4033 floats, 64 visible
+    assert torch.equal(gapped.as_strided((4033,), (1,)).cpu(), torch.zeros(4033))
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])

@@ -24,7 +24,7 @@ from ..errors import RrtoError, UnsupportedOpError
 from ..replay.streamer import EagerStreamer
 from ..stats import Stats
 from ..transport import Link
-from .remote_tensor import CUDA0, RemoteTensor, TensorMeta
+from .remote_tensor import RemoteTensor, TensorMeta
 
 aten = torch.ops.aten
 _META = torch.device("meta")
@@ -339,10 +339,10 @@ def _to_meta(x, metas: list):
 
 def _template(res, index: dict, tensors: list):
     if isinstance(res, torch.Tensor):
+        meta = TensorMeta(tuple(res.shape), res.stride(), res.storage_offset(), res.dtype)
         i = index.get(id(res))
         if i is None:
-            return TensorMeta(tuple(res.shape), res.stride(), res.storage_offset(), res.dtype)
-        meta = TensorMeta(tuple(res.shape), res.stride(), res.storage_offset(), res.dtype)
+            return meta
         before = tensors[i]
         changed = (meta.shape, meta.stride, meta.offset) != (tuple(before.shape), before.stride(),
                                                              before.storage_offset())
