@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except (rrto.RrtoError, ValueError) as e:
         print(f"rrto: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     offload = rrto.current()
     code = 0
     try:

@@ -97,9 +97,10 @@ class Link:
         self.stats.bytes_sent += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in msg)
         return msg
 
-    def close(self) -> None:
+    def close(self, linger: float = 1.0) -> None:
+        """Close the socket, giving queued messages (the goodbye) ``linger`` seconds to leave."""
         with self._lock:
             if not self.closed:
                 self.closed = True
-                self._sock.close(linger=0)
+                self._sock.close(linger=int(linger * 1000))
                 self._ctx.term()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -166,3 +167,40 @@ def test_rrto_console_scripts_exist():
         assert os.path.exists(exe), f"{name} is not installed next to {sys.executable}"
         res = subprocess.run([exe, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert res.returncode == 0 and "usage" in res.stdout
+
+
+def test_server_error_of_a_streamed_op_surfaces_at_the_next_sync():
+    s = ServerProcess("--max-session-mb", "16")
+    rrto.enable(server=s.url)
+    try:
+        small = torch.ones(4).cuda()
+        big = torch.zeros(8 * 2**20, device="cuda")  # 32 MiB: streamed, refused by the server's quota
+        with pytest.raises(rrto.RemoteError, match="memory limit"):
+            torch.cuda.synchronize()
+        assert (small + 1).cpu().tolist() == [2.0] * 4  # the session goes on
+        del big
+    finally:
+        rrto.disable()
+        s.stop()
+
+
+def test_ctrl_c_with_a_hung_server_exits_promptly(tmp_path):
+    s = ServerProcess()
+    app = tmp_path / "waits.py"
+    app.write_text("import time, torch\nx = torch.ones(3).cuda()\nprint('ready', flush=True)\n"
+                   "time.sleep(1)\nprint(x.sum().item())\n")
+    p = subprocess.Popen([sys.executable, "-m", "rrto", "--server", s.url, str(app)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        s.proc.send_signal(signal.SIGSTOP)  # the server hangs while the app waits for .item()
+        time.sleep(2)
+        t0 = time.time()
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=60)
+        assert p.returncode == 130
+        assert time.time() - t0 < 5
+    finally:
+        p.kill()
+        s.proc.send_signal(signal.SIGCONT)
+        s.stop()

@@ -72,6 +72,10 @@ def test_tensor_cuda_and_to_non_blocking(remote):
     assert torch.equal(a.cpu(), x) and torch.equal(b.cpu(), x) and torch.equal(c.cpu(), x)
     assert torch.equal(d.cpu(), x.double())
     assert a.cuda() is a and a.to("cuda") is a  # already there: no copy, as on a GPU
+    e = a.to("cuda", copy=True)
+    assert e is not a and torch.equal(e.cpu(), x)
+    f = a.to("cuda", torch.float16)
+    assert f.dtype == torch.float16 and torch.equal(f.cpu(), x.half())
     assert remote.stats.uploads >= 4
 
 
@@ -318,3 +322,30 @@ def test_tensors_after_disable_say_so(server):
         x = torch.ones(2).cuda()
     with pytest.raises(rrto.RrtoError, match="session that has ended"):
         x + 1
+
+
+def test_save_and_deepcopy(remote):
+    import copy
+    import io
+
+    x = torch.arange(4.0).cuda()
+    buf = io.BytesIO()
+    torch.save({"x": x}, buf)  # saved as CPU data, loadable on a machine without rrto
+    buf.seek(0)
+    assert torch.equal(torch.load(buf)["x"], torch.arange(4.0))
+    m = nn.Linear(3, 2).cuda()
+    m2 = copy.deepcopy(m)
+    assert isinstance(m2.weight, nn.Parameter) and m2.weight.is_cuda
+    assert torch.equal(m2.weight.cpu(), m.weight.cpu())
+    with torch.no_grad():
+        m2.weight.fill_(0.5)  # a copy, not an alias: the original keeps its weights
+    assert torch.equal(m2.weight.cpu(), torch.full((2, 3), 0.5))
+    assert not torch.equal(m.weight.cpu(), torch.full((2, 3), 0.5))
+
+
+def test_backward_is_refused_clearly(remote):
+    w = torch.randn(3, device="cuda", requires_grad=True)
+    with pytest.raises(rrto.UnsupportedOpError, match="backward"):
+        (w * w).sum().backward()
+    with pytest.raises(rrto.UnsupportedOpError, match="backward"):
+        torch.autograd.grad((w * 2).sum(), [w])

@@ -86,42 +86,47 @@ class Offload:
         self.embedded: EmbeddedServer | None = None
         self.link: Link | None = None
         self.runtime: Runtime | None = None
-        info: dict = {"device_name": "rrto local (robot cpu)"}
-        if config.mode != "local":
-            url = config.server
-            if url is None:
-                self.embedded = EmbeddedServer()
-                url = self.embedded.url
-            self.stats.server, self.stats.embedded_server = url, self.embedded is not None
-            try:
-                self.link = Link(url, config.timeout, self.stats)
-                info = self.link.hello({"torch": torch.__version__, "mode": config.mode,
-                                        "python": sys.version.split()[0]})
-            except BaseException:
-                self._close_link()
-                raise
-            self.stats.server_torch, self.stats.server_device = info.get("torch", ""), info.get("device", "")
-            self.runtime = Runtime(config, self.link, info, self.stats)
-        self.restore_cuda = cuda_shim.install(self.runtime, info)
-        self.restore_backend = cuda_backend.install(self.runtime) if self.runtime is not None else (lambda: None)
-        self.thread = threading.get_ident()
-        self.modes = self.push_modes()
+        self.restore_cuda = self.restore_backend = lambda: None
+        try:
+            info: dict = {"device_name": "rrto local (robot cpu)"}
+            if config.mode != "local":
+                info = self._connect()
+                self.runtime = Runtime(config, self.link, info, self.stats)
+                self.restore_backend = cuda_backend.install(self.runtime)
+            self.restore_cuda = cuda_shim.install(self.runtime, info)
+            self.thread = threading.get_ident()
+            self.mode = self.push_mode()
+        except BaseException:
+            self.restore_cuda()
+            self.restore_backend()
+            if self.runtime is not None:
+                with contextlib.suppress(RrtoError):
+                    self.runtime.close()  # joins its warm-up thread: exiting inside torch's C++ aborts
+            self._close_link()
+            raise
 
-    def push_modes(self) -> list:
-        modes = [DeviceFunctionMode(self.runtime)]
-        for m in modes:
-            m.__enter__()
-        return modes
+    def _connect(self) -> dict:
+        url = self.config.server
+        if url is None:
+            self.embedded = EmbeddedServer()
+            url = self.embedded.url
+        self.stats.server, self.stats.embedded_server = url, self.embedded is not None
+        self.link = Link(url, self.config.timeout, self.stats)
+        info = self.link.hello({"torch": torch.__version__, "mode": self.config.mode,
+                                "python": sys.version.split()[0]})
+        self.stats.server_torch, self.stats.server_device = info.get("torch", ""), info.get("device", "")
+        return info
 
-    @staticmethod
-    def pop_modes(modes: list) -> None:
-        for m in reversed(modes):
-            m.__exit__(None, None, None)
+    def push_mode(self) -> DeviceFunctionMode:
+        """Push the device function mode on the calling thread (modes are per thread)."""
+        mode = DeviceFunctionMode(self.runtime)
+        mode.__enter__()
+        return mode
 
     def close(self) -> None:
         try:
             if threading.get_ident() == self.thread:
-                self.pop_modes(self.modes)
+                self.mode.__exit__(None, None, None)
             else:
                 warnings.warn("rrto.disable() called from another thread than rrto.enable(); "
                               "the enabling thread keeps its torch modes", RuntimeWarning, stacklevel=3)
@@ -130,7 +135,7 @@ class Offload:
             if self.runtime is not None:
                 try:
                     self.runtime.close()
-                except LinkError as e:
+                except RrtoError as e:
                     print(f"rrto: could not close the session cleanly: {e}", file=sys.stderr)
         finally:
             self._close_link()
@@ -148,11 +153,11 @@ def _bootstrap_inner(thread):
     offload = _active
     if offload is None:
         return _original_bootstrap(thread)
-    modes = offload.push_modes()
+    mode = offload.push_mode()
     try:
         return _original_bootstrap(thread)
     finally:
-        offload.pop_modes(modes)
+        mode.__exit__(None, None, None)
 
 
 def enable(server: str | None = None, mode: str | None = None, *, stats: str | None = None,

@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ..errors import UnsupportedOpError
 from .remote_tensor import CUDA0, RemoteTensor
 
 aten = torch.ops.aten
 _DATA_FACTORIES = {torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor}
+_BACKWARD = {torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad}
 _CPU = torch.device("cpu")
 
 
@@ -42,6 +44,10 @@ class DeviceFunctionMode(TorchFunctionMode):
             return self._cuda(*args, **kwargs)
         if func is torch.Tensor.to:
             return self._to(args, kwargs)
+        if func in _BACKWARD and not self.local and _any_remote(args, kwargs):
+            raise UnsupportedOpError(
+                "rrto offloads inference; backward() through tensors on the virtual cuda device is not "
+                "supported yet. Run training locally (rrto --mode local) or on the server machine.")
         if func is torch.Tensor.pin_memory:
             return args[0]  # no page-locked memory without CUDA; a plain CPU tensor uploads the same
         if func is torch._has_compatible_shallow_copy_type and (type(args[0]) is RemoteTensor) != (
@@ -76,14 +82,26 @@ class DeviceFunctionMode(TorchFunctionMode):
             return torch.Tensor.to(*args, **kwargs)
         if self.local:
             return t.to(_CPU, dtype, non_blocking, copy_, memory_format=memory_format or torch.preserve_format)
-        if type(t) is RemoteTensor and not copy_:
-            return t if dtype in (None, t.dtype) else aten._to_copy.default(t, dtype=dtype)
+        if type(t) is RemoteTensor:  # already on the device: a copy or a cast at most, done there
+            if not copy_ and dtype in (None, t.dtype) and memory_format in (None, torch.preserve_format):
+                return t
+            return aten._to_copy.default(t, dtype=dtype, memory_format=memory_format)
         return self._upload(t, dtype, non_blocking, memory_format)
+
+
+def _any_remote(args, kwargs) -> bool:
+    for a in (*args, *kwargs.values()):
+        if type(a) is RemoteTensor or isinstance(a, (list, tuple)) and any(type(b) is RemoteTensor for b in a):
+            return True
+    return False
 
 
 def _parse_to(args, kwargs):
     """(device, dtype, non_blocking, copy, memory_format) of any Tensor.to(...) call form."""
-    bools = [a for a in args if isinstance(a, bool)]  # non_blocking, then copy, in every form
-    copy_ = kwargs.get("copy", bools[1] if len(bools) > 1 else False)
+    kwargs = dict(kwargs)
+    copy_ = kwargs.pop("copy", False)  # torch's parser of .to() arguments takes no copy
+    bools = [i for i, a in enumerate(args) if isinstance(a, bool)]  # non_blocking, then copy, in every form
+    if len(bools) > 1:
+        copy_, args = args[bools[1]], args[:bools[1]] + args[bools[1] + 1:]
     device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
     return device, dtype, non_blocking, copy_, memory_format

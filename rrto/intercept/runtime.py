@@ -235,7 +235,7 @@ class Runtime:
             return
         self._warm_up.join(timeout=30.0)
         try:
-            self.streamer.request("bye")
+            self.streamer.bye()  # no reply to wait for: Link.close lingers briefly to deliver it
         finally:
             self.closed = True
 

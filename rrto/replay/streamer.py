@@ -86,6 +86,10 @@ class EagerStreamer:
         else:
             self.link.send(header)
 
+    def bye(self) -> None:
+        """End the session without waiting: the server frees everything this robot held."""
+        self.link.send({"t": "bye"})
+
     def free(self, handle: int) -> None:
         """Forget a server tensor; safe from any thread and from ``__del__``."""
         self._frees.append(handle)
