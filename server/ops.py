@@ -200,7 +200,7 @@ class SizeCheck:
             if _is_meta_gap(e):
                 raise OpError(f"op {info.op.name()} cannot be size-checked on this server (no meta kernel)",
                               kind="unsupported") from None
-            raise OpError(f"{info.op.name()}: {_short(e)}") from None
+            raise OpError(f"{info.op.name()}: {short_error(e)}") from None
         outs = []
         for t in flat_tensors(res, []):
             st = t.untyped_storage()
@@ -239,5 +239,6 @@ def _is_meta_gap(e: Exception) -> bool:
     return isinstance(e, NotImplementedError) or "Meta" in text and ("kernel" in text or "backend" in text)
 
 
-def _short(e: Exception) -> str:
-    return str(e).strip().split("\n")[0][:300]
+def short_error(e: Exception) -> str:
+    """The first line of an exception's message: what a robot is told, never a traceback."""
+    return str(e).strip().split("\n")[0][:400]

@@ -21,7 +21,7 @@ import torch
 
 from rrto import codec
 
-from .ops import OpError, OpInfo, OpTable, SizeCheck, flat_tensors
+from .ops import OpError, OpInfo, OpTable, SizeCheck, flat_tensors, short_error
 
 log = logging.getLogger("rrto.server")
 CUDA_DEFAULT_SEED = 67280421310721  # what torch seeds a fresh cuda generator with
@@ -113,7 +113,7 @@ class Session:
             return self._fail(q, "bad_request", f"malformed request: {e}")
         except Exception as e:  # noqa: BLE001 - a failing op must never take the server down
             what = header.get("op") if header.get("t") == "op" else f"'{header.get('t')}' request"
-            return self._fail(q, "op_failed", f"{what} failed on the server: {_short(e)}")
+            return self._fail(q, "op_failed", f"{what} failed on the server: {short_error(e)}")
         finally:
             self._free(header.get("fr"))
         if q is None:
@@ -322,7 +322,3 @@ def _frame(frames: list, i: int):
     if i >= len(frames):
         raise OpError(f"request needs tensor frame {i} but carries {len(frames)}")
     return frames[i]
-
-
-def _short(e: Exception) -> str:
-    return str(e).strip().split("\n")[0][:400]

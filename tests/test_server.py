@@ -175,7 +175,7 @@ def test_two_robots_at_once(server):
     robots = [subprocess.Popen([sys.executable, "-c", ROBOT, server.url, str(seed)], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
     outs = [r.communicate(timeout=120) for r in robots]
-    for r, (out, err) in zip(robots, outs):
+    for r, (_, err) in zip(robots, outs):
         assert r.returncode == 0, err
     assert [o.strip() for o, _ in outs] == ["robot 1 ok", "robot 2 ok"]
 
