@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -75,6 +76,16 @@ class OpError(ValueError):
     def __init__(self, message: str, kind: str = "bad_request"):
         super().__init__(message)
         self.kind = kind
+
+
+class OutputMeta(NamedTuple):
+    """What an op's meta kernel says one output will be, and what it costs."""
+    shape: tuple
+    stride: tuple
+    offset: int
+    dtype: torch.dtype
+    new_bytes: int  # bytes this output adds to the session (0 for views and in-place results)
+    grows_input: bool  # an out= input whose storage the op enlarges
 
 
 @dataclass(frozen=True)
@@ -173,12 +184,8 @@ class SizeCheck:
         self.max_tensor_bytes = max_tensor_bytes
         self._cache: dict = {}
 
-    def outputs(self, info: OpInfo, args: list, kwargs: dict) -> list | None:
-        """[(shape, stride, offset, dtype, new_bytes)] per output tensor; None when data decides.
-
-        ``new_bytes`` is 0 for outputs that share an input's storage (views, in-place results),
-        except where the op grows that storage.
-        """
+    def outputs(self, info: OpInfo, args: list, kwargs: dict) -> list[OutputMeta] | None:
+        """One OutputMeta per output tensor; None when the data decides the shapes."""
         key = (info.op, signature(args), signature(kwargs))
         try:
             hit = self._cache.get(key)
@@ -207,12 +214,13 @@ class SizeCheck:
             before = inputs.get(st._cdata)
             # An output sharing an input's storage costs nothing, unless the op grew that
             # storage (an out= tensor resized): then the grown storage counts in full.
-            nbytes = st.nbytes() if before is None or st.nbytes() > before else 0
+            grows = before is not None and st.nbytes() > before
+            nbytes = st.nbytes() if before is None or grows else 0
             if nbytes > self.max_tensor_bytes:
                 raise OpError(f"{info.op.name()} would create a {list(t.shape)} {t.dtype} tensor of "
                               f"{nbytes / 2**20:.1f} MiB, over this server's per-tensor limit of "
                               f"{self.max_tensor_bytes / 2**20:.0f} MiB", kind="quota")
-            outs.append((tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, nbytes))
+            outs.append(OutputMeta(tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, nbytes, grows))
         if key is not None:
             if len(self._cache) > 50_000:
                 self._cache.clear()

@@ -21,7 +21,7 @@ import torch
 
 from rrto import codec
 
-from .ops import OpError, OpInfo, OpTable, SizeCheck, flat_tensors, short_error
+from .ops import OpError, OpInfo, OpTable, OutputMeta, SizeCheck, flat_tensors, short_error
 
 log = logging.getLogger("rrto.server")
 CUDA_DEFAULT_SEED = 67280421310721  # what torch seeds a fresh cuda generator with
@@ -174,14 +174,14 @@ class Session:
         kwargs = {key: codec.decode_value(v, self._tensor, inline, self.device) for key, v in k.items()}
         metas = self.sizes.outputs(info, args, kwargs)
         if metas is not None:
-            self._reserve(sum(m[4] for m in metas))
+            self._reserve(sum(m.new_bytes for m in metas))
         if info.generator_arg and kwargs.get(info.generator_arg) is None:
             self._inject_generator(info, args, kwargs)
         result = info.op(*args, **kwargs)
         self.ops_run += 1
         outs = flat_tensors(result, [])
-        inputs = {id(t): i for i, t in enumerate(flat_tensors([args, list(kwargs.values())], []))}
         if "ob" in h:  # the robot could not predict the outputs: name them base, base+1, ...
+            inputs = {id(t): i for i, t in enumerate(flat_tensors([args, list(kwargs.values())], []))}
             base = h["ob"]
             if type(base) is not int or len(outs) > MAX_NAMED_OUTPUTS:
                 raise OpError("bad output handle base")
@@ -193,7 +193,7 @@ class Session:
         if metas is not None and "ob" not in h:  # the robot predicted these outputs: hold it to that
             outs = [self._conform(info, t, m, args, kwargs) for t, m in zip(outs, metas)]
             for t, m in zip(outs, metas):
-                if m[4] and id(t) in inputs:  # an out= tensor grew
+                if m.grows_input:
                     self._regrow(t)
         for hd, t in zip(handles, outs):
             if hd is None:
@@ -222,14 +222,14 @@ class Session:
                 else:
                     kwargs[a.name] = self.generator
 
-    def _conform(self, info: OpInfo, t: torch.Tensor, meta, args, kwargs) -> torch.Tensor | str:
+    def _conform(self, info: OpInfo, t: torch.Tensor, meta: OutputMeta, args, kwargs) -> torch.Tensor | str:
         """The output in the layout its meta kernel promised the robot.
 
         Where a kernel disagrees with its meta kernel on shape or dtype (CPU batch norm in
         eval returns empty statistics), the output becomes a reason string: the handle is
         then unusable rather than wrong.
         """
-        shape, stride, offset, dtype, _ = meta
+        shape, stride, dtype = meta.shape, meta.stride, meta.dtype
         if t.dtype != dtype or tuple(t.shape) != shape:
             return (f"{info.op.name()} produced a {list(t.shape)} {t.dtype} tensor here where its meta kernel "
                     f"promised {list(shape)} {dtype}, so rrto cannot use this output")

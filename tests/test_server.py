@@ -231,3 +231,13 @@ def test_results_match_torch_on_the_server_side(raw):
     assert r["m"][0][0] == list(torch.nonzero(a).shape)
     r = raw.request({"t": "op", "op": "aten::_local_scalar_dense.default", "a": [{"h": 2}], "o": []})
     assert r["v"] == pytest.approx(torch.softmax(a, 1)[0, 0].item())
+
+
+def test_a_grown_out_tensor_counts_against_the_session(raw):
+    put(raw, 1, torch.zeros(0))
+    before = raw.request({"t": "mem"})["allocated"]
+    raw.request({"t": "op", "op": "aten::arange.start_out", "a": [0, 1000, 1], "k": {"out": {"h": 1}}})
+    assert get(raw, 1).tolist() == list(map(float, range(1000)))
+    assert raw.request({"t": "mem"})["allocated"] - before >= 1000 * 4
+    raw.request({"t": "free", "fr": [1]})
+    assert raw.request({"t": "mem"})["allocated"] == before
