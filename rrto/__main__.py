@@ -10,7 +10,7 @@ import traceback
 from .config import MODE_HELP, MODES
 
 EPILOG = """\
-environment: RRTO_SERVER, RRTO_MODE, RRTO_STATS, RRTO_TIMEOUT, RRTO_PROGRESS set the same
+environment: RRTO_SERVER, RRTO_MODE, RRTO_STATS, RRTO_TIMEOUT, RRTO_PROGRESS, RRTO_REPEATS set the same
 options; command-line options win.
 
 modes:
@@ -29,11 +29,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "The app is not modified and does not import rrto.")
     p.add_argument("--server", metavar="URL",
                    help="rrto-server to use, e.g. tcp://edge:5555 (default: start an embedded local server)")
-    p.add_argument("--mode", choices=MODES, help="how ops reach the server (default: eager)")
+    p.add_argument("--mode", choices=MODES, help="how ops reach the server (default: replay)")
     p.add_argument("--stats", metavar="PATH", help="write counters as JSON to PATH when the app exits")
     p.add_argument("--timeout", type=float, metavar="S", help="seconds to wait for any server reply (default 30)")
     p.add_argument("--progress", action="store_true", default=None,
                    help="print messages and bytes per torch.cuda.synchronize() call")
+    p.add_argument("--repeats", type=int, metavar="K",
+                   help="replay: adopt the per-inference op sequence once it repeated K times (default 2)")
     p.add_argument("--quiet", action="store_true", help="no summary line at exit")
     p.add_argument("-m", dest="module", metavar="MODULE", help="run a module as a script (like python -m)")
     p.add_argument("script", nargs="?", help="the app to run")
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     import rrto  # after argument errors, so --help stays fast
 
     try:
-        rrto.enable(ns.server, ns.mode, stats=ns.stats, timeout=ns.timeout, progress=ns.progress)
+        rrto.enable(ns.server, ns.mode, stats=ns.stats, timeout=ns.timeout, progress=ns.progress,
+                    repeats=ns.repeats)
     except (rrto.RrtoError, ValueError) as e:
         print(f"rrto: {e}", file=sys.stderr)
         return 2
@@ -102,7 +105,16 @@ def summary(s: dict) -> str:
     return (f"rrto: {s['mode']} mode via {where}, server {s['server_device']} torch {s['server_torch']}: "
             f"{s['ops_intercepted']} ops, {s['messages_sent']} messages, {s['round_trips']} round trips, "
             f"{s['bytes_sent'] / 1e6:.1f} MB up, {s['bytes_received'] / 1e6:.1f} MB down, "
-            f"{s['wall_s']:.1f} s")
+            f"{s['wall_s']:.1f} s" + _replay_summary(s))
+
+
+def _replay_summary(s: dict) -> str:
+    if s["mode"] != "replay":
+        return ""
+    if not s["sequence_found"]:
+        return "; no repeating op sequence found (ran eagerly)"
+    return (f"; replayed {s['replayed_inferences']} inferences of {s['sequence_length']} ops "
+            f"({s['messages_per_replayed_inference']} messages each), {s['replay_divergences']} divergences")
 
 
 if __name__ == "__main__":

@@ -198,12 +198,17 @@ def encode_value(x: Any, tensor: Callable[[torch.Tensor], dict]) -> Any:
     raise CodecError(f"an argument of type {type(x).__name__} cannot travel over the wire")
 
 
-def decode_value(x: Any, handle: Callable[[int], Any], inline: Callable[[int], Any], device: Any) -> Any:
-    """Python value of an encoded op argument, resolving markers through the callbacks."""
+def decode_value(x: Any, handle: Callable[[int], Any], inline: Callable[[int], Any], device: Any,
+                 ref: Callable[[str, int], Any] | None = None) -> Any:
+    """Python value of an encoded op argument, resolving markers through the callbacks.
+
+    ``ref`` resolves the markers of recorded programs: ``{"s": n}`` (the output of an
+    earlier step of the iteration) and ``{"x": n}`` (a tensor named at each run).
+    """
     if x is None or type(x) in (bool, int, float, str):
         return x
     if type(x) is list:
-        return [decode_value(y, handle, inline, device) for y in x]
+        return [decode_value(y, handle, inline, device, ref) for y in x]
     if type(x) is dict and len(x) == 1:
         (k, v), = x.items()
         if k == "h" and type(v) is int:
@@ -220,6 +225,8 @@ def decode_value(x: Any, handle: Callable[[int], Any], inline: Callable[[int], A
             return LAYOUTS[v]
         if k == "c" and type(v) is list and len(v) == 2 and all(type(p) in (int, float) for p in v):
             return complex(v[0], v[1])
+        if ref is not None and k in ("s", "x") and type(v) is int:
+            return ref(k, v)
     raise CodecError(f"malformed argument {json.dumps(x)[:80]}")
 
 

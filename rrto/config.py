@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-MODES = ("local", "eager", "rpc")
+MODES = ("replay", "eager", "rpc", "local")
 MODE_HELP = {
+    "replay": "record the per-inference op sequence, then replay it: one upload, one download per inference",
     "local": "no offload: 'cuda' is the robot's own CPU (for comparison)",
     "eager": "every op streams to the server; the robot waits only for data it needs",
     "rpc": "every op waits for the server's reply (the classic per-call remoting baseline)",
@@ -15,10 +16,11 @@ MODE_HELP = {
 @dataclass
 class Config:
     server: str | None = None  # None: start an embedded local server
-    mode: str = "eager"
+    mode: str = "replay"
     stats: str | None = None  # path of the JSON stats file written at exit
     timeout: float = 30.0  # seconds to wait for any reply before raising LinkError
     progress: bool = False  # print a line per torch.cuda.synchronize()
+    repeats: int = 2  # replay: adopt a sequence after it repeated this many times
 
     @classmethod
     def resolve(cls, **given) -> "Config":
@@ -30,6 +32,8 @@ class Config:
                 v = os.environ.get("RRTO_" + f.name.upper()) or None
                 if v is not None and f.name == "timeout":
                     v = float(v)
+                if v is not None and f.name == "repeats":
+                    v = int(v)
                 if v is not None and f.name == "progress":
                     v = v.lower() not in ("0", "false", "no", "")
             if v is not None:
@@ -39,6 +43,8 @@ class Config:
             raise ValueError(f"unknown rrto mode {cfg.mode!r}; choose one of: {', '.join(MODES)}")
         if cfg.server is not None:
             cfg.server = normalize_url(cfg.server)
+        if cfg.repeats < 2:
+            raise ValueError(f"rrto repeats must be 2 or more (a sequence is known once it repeated), not {cfg.repeats}")
         if not cfg.timeout > 0:
             raise ValueError(f"rrto timeout must be a positive number of seconds, not {cfg.timeout!r}")
         return cfg

@@ -22,6 +22,15 @@ class Stats:
     syncs: int = 0  # torch.cuda.synchronize() calls
     meta_cache_hits: int = 0
     meta_cache_misses: int = 0
+    # record / replay
+    sequence_found: bool = False
+    sequence_length: int = 0  # steps of the adopted per-inference program
+    sequence_waits: int = 0  # of which the robot waits for the server (downloads, syncs, data-dependent ops)
+    sequence_uploads: int = 0
+    recorded_inferences: int = 0  # iterations run eagerly to find the sequences adopted
+    replayed_inferences: int = 0
+    replay_divergences: int = 0
+    replay_messages: int = 0  # messages sent during replayed iterations
     robot_torch: str = ""
     server_torch: str = ""
     server_device: str = ""
@@ -30,6 +39,8 @@ class Stats:
     def snapshot(self) -> dict:
         d = asdict(self)
         d["wall_s"] = round(time.perf_counter() - d.pop("started"), 4)
+        n = self.replayed_inferences
+        d["messages_per_replayed_inference"] = round(self.replay_messages / n, 3) if n else None
         return d
 
     def write(self, path: str) -> None:

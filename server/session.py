@@ -22,6 +22,7 @@ import torch
 from rrto import codec
 
 from .ops import OpError, OpInfo, OpTable, OutputMeta, SizeCheck, flat_tensors, short_error
+from .program import MAX_PROGRAMS, Program
 
 log = logging.getLogger("rrto.server")
 CUDA_DEFAULT_SEED = 67280421310721  # what torch seeds a fresh cuda generator with
@@ -54,6 +55,8 @@ class Session:
         self._pending_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"rrto-session-{token[:8]}", daemon=True)
         self.ops_run = 0
+        self.programs: dict[int, Program] = {}
+        self.programs_run = 0
 
     # -- worker ------------------------------------------------------------------
 
@@ -131,15 +134,18 @@ class Session:
 
     def _dispatch(self, h: dict, frames: list) -> tuple[dict, list]:
         t = h.get("t")
+        pre = h.get("pre")
+        if pre is not None:
+            self._run_programs(pre)
         if t == "op":
             return self._op(h, frames)
         if t == "put":
             src = codec.frame_tensor(h.get("d"), _frame(frames, 0), self.limits.max_tensor_bytes)
             self._reserve(src.numel() * src.element_size())
-            self._bind(h.get("h"), self._to_device(src))
+            self._bind(h.get("h"), self.to_device(src))
             return {}, []
         if t == "get":
-            return self._get(self._tensor(h.get("h")))
+            return self._get(self.tensor(h.get("h")))
         if t == "sync":
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -152,6 +158,8 @@ class Session:
             return {}, []
         if t == "mem":
             return {"allocated": self.live_bytes, "limit": self.limits.max_session_bytes}, []
+        if t == "prog":
+            return self._register(h, frames)
         if t in ("free", "bye"):
             return {}, []
         raise OpError(f"unknown request type {str(t)[:40]!r}")
@@ -165,13 +173,29 @@ class Session:
         def inline(i):
             if not 0 <= i < len(frames):
                 raise OpError(f"inline tensor {i} was not sent")
-            return self._to_device(codec.frame_tensor(descs[i], frames[i], self.limits.max_tensor_bytes))
+            return self.to_device(codec.frame_tensor(descs[i], frames[i], self.limits.max_tensor_bytes))
 
         a, k = h.get("a", []), h.get("k", {})
         if not isinstance(a, list) or not isinstance(k, dict):
             raise OpError("op arguments must be a list 'a' and an object 'k'")
-        args = codec.decode_value(a, self._tensor, inline, self.device)
-        kwargs = {key: codec.decode_value(v, self._tensor, inline, self.device) for key, v in k.items()}
+        args = codec.decode_value(a, self.tensor, inline, self.device)
+        kwargs = {key: codec.decode_value(v, self.tensor, inline, self.device) for key, v in k.items()}
+        result, outs, inputs = self.execute(info, args, kwargs, h.get("o", []), h.get("ob"))
+        reply: dict = {}
+        if "q" in h:
+            if "ob" in h:  # tell the robot what came out
+                reply["m"] = [{"a": inputs[id(t)]} if id(t) in inputs else
+                              [list(t.shape), list(t.stride()), t.storage_offset(), codec.dtype_name(t.dtype)]
+                              for t in outs]
+            if not isinstance(result, (torch.Tensor, list, tuple)):
+                reply["v"] = codec.encode_result(result)
+        return reply, []
+
+    def execute(self, info: OpInfo, args: list, kwargs: dict, handles, named_base=None):
+        """Run one op and bind its outputs to ``handles`` (or to ``named_base + i``).
+
+        Returns (result, output tensors, input positions by id when outputs were named here).
+        """
         metas = self.sizes.outputs(info, args, kwargs)
         if metas is not None:
             self._reserve(sum(m.new_bytes for m in metas))
@@ -180,17 +204,15 @@ class Session:
         result = info.op(*args, **kwargs)
         self.ops_run += 1
         outs = flat_tensors(result, [])
-        if "ob" in h:  # the robot could not predict the outputs: name them base, base+1, ...
+        inputs = None
+        if named_base is not None:  # the robot could not predict the outputs: name them base, base+1, ...
             inputs = {id(t): i for i, t in enumerate(flat_tensors([args, list(kwargs.values())], []))}
-            base = h["ob"]
-            if type(base) is not int or len(outs) > MAX_NAMED_OUTPUTS:
+            if type(named_base) is not int or len(outs) > MAX_NAMED_OUTPUTS:
                 raise OpError("bad output handle base")
-            handles = [None if id(t) in inputs else base + i for i, t in enumerate(outs)]
-        else:
-            handles = h.get("o", [])
-            if not isinstance(handles, list) or (handles and len(handles) != len(outs)):
-                raise OpError(f"{info.op.name()} returns {len(outs)} tensors but {len(handles)} handles were given")
-        if metas is not None and "ob" not in h:  # the robot predicted these outputs: hold it to that
+            handles = [None if id(t) in inputs else named_base + i for i, t in enumerate(outs)]
+        elif not isinstance(handles, list) or (handles and len(handles) != len(outs)):
+            raise OpError(f"{info.op.name()} returns {len(outs)} tensors but {len(handles)} handles were given")
+        if metas is not None and named_base is None:  # the robot predicted these outputs: hold it to that
             outs = [self._conform(info, t, m, args, kwargs) for t, m in zip(outs, metas)]
             for t, m in zip(outs, metas):
                 if m.grows_input:
@@ -204,15 +226,39 @@ class Session:
                 if info.uninitialised:
                     t.untyped_storage().fill_(0)  # all of it: strides with gaps leave bytes unseen
                 self._bind(hd, t)
-        reply: dict = {}
-        if "q" in h:
-            if "ob" in h:  # tell the robot what came out
-                reply["m"] = [{"a": inputs[id(t)]} if id(t) in inputs else
-                              [list(t.shape), list(t.stride()), t.storage_offset(), codec.dtype_name(t.dtype)]
-                              for t in outs]
-            if not isinstance(result, (torch.Tensor, list, tuple)):
-                reply["v"] = codec.encode_result(result)
-        return reply, []
+        return result, outs, inputs
+
+    # -- recorded programs ---------------------------------------------------------------
+
+    def _register(self, h: dict, frames: list) -> tuple[dict, list]:
+        drop = h.get("drop")
+        if drop is not None:
+            self.programs.pop(drop, None)
+        if len(self.programs) >= MAX_PROGRAMS:
+            raise OpError(f"this session holds {MAX_PROGRAMS} programs, the most it may; drop one first", kind="quota")
+        prog = Program.decode(h, frames, self)
+        self.programs[prog.pid] = prog
+        log.info("session %s: program %d registered (%d steps)", self.token[:8], prog.pid, len(prog.steps))
+        return {}, []
+
+    def _run_programs(self, runs) -> None:
+        """Run the confirmed steps a message carries in ``pre``: [[program, base, from, to, slots], ...]."""
+        if type(runs) is not list or len(runs) > 64:
+            raise OpError("'pre' must be a short list of program runs")
+        for run in runs:
+            if type(run) is not list or len(run) != 5 or not all(type(v) is int for v in run[:4]) \
+                    or type(run[4]) is not list:
+                raise OpError("a program run is [program, base, from, to, [slot, handle, ...]]")
+            pid, base, a, b, flat = run
+            prog = self.programs.get(pid)
+            if prog is None:
+                raise OpError(f"program {pid} is not registered in this session (dropped, or its tensors freed)")
+            if not 0 <= a <= b <= len(prog.steps) or not 0 < base < MAX_HANDLE:
+                raise OpError(f"bad run of program {pid}: steps {a}..{b}, base {base}")
+            if len(flat) % 2:
+                raise OpError("run slots must come in (slot, handle) pairs")
+            prog.run(self, base, a, b, dict(zip(flat[::2], flat[1::2])))
+            self.programs_run += 1
 
     def _inject_generator(self, info: OpInfo, args: list, kwargs: dict) -> None:
         for i, a in enumerate(info.op._schema.arguments):
@@ -249,14 +295,14 @@ class Session:
         desc, buf, _ = codec.tensor_frame(t)
         return {"d": desc}, [buf]
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
             return t.clone(memory_format=torch.preserve_format)
         return t.to(self.device, non_blocking=False)
 
     # -- the handle table ------------------------------------------------------------
 
-    def _tensor(self, h) -> torch.Tensor:
+    def tensor(self, h) -> torch.Tensor:
         try:
             return self.handles[h]
         except (KeyError, TypeError):
@@ -304,6 +350,10 @@ class Session:
     def _free(self, handles) -> None:
         if not handles or type(handles) is not list:
             return
+        if self.programs:
+            freed = {h for h in handles if type(h) is int}
+            for pid in [p.pid for p in self.programs.values() if not p.persistent.isdisjoint(freed)]:
+                del self.programs[pid]  # it names a tensor that is gone
         for h in handles:
             t = self.handles.pop(h, None) if type(h) is int else None
             if t is None:

@@ -161,18 +161,21 @@ def _bootstrap_inner(thread):
 
 
 def enable(server: str | None = None, mode: str | None = None, *, stats: str | None = None,
-           timeout: float | None = None, progress: bool | None = None) -> None:
+           timeout: float | None = None, progress: bool | None = None, repeats: int | None = None) -> None:
     """Make "cuda" mean rrto's virtual device in this process.
 
     ``server``: ``tcp://host:port`` of an ``rrto-server``; None starts an embedded one.
-    ``mode``: ``eager`` (default), ``rpc`` or ``local``. Unset arguments fall back to
-    the ``RRTO_SERVER``, ``RRTO_MODE``, ``RRTO_STATS``, ``RRTO_TIMEOUT`` variables.
+    ``mode``: ``replay`` (default), ``eager``, ``rpc`` or ``local``. ``repeats``: replay
+    adopts a sequence after it repeated this many times (default 2). Unset arguments
+    fall back to the ``RRTO_SERVER``, ``RRTO_MODE``, ``RRTO_STATS``, ``RRTO_TIMEOUT``,
+    ``RRTO_REPEATS`` variables.
     """
     global _active
     with _enable_lock:
         if _active is not None:
             raise RrtoError("rrto is already enabled; call rrto.disable() first")
-        config = Config.resolve(server=server, mode=mode, stats=stats, timeout=timeout, progress=progress)
+        config = Config.resolve(server=server, mode=mode, stats=stats, timeout=timeout, progress=progress,
+                                repeats=repeats)
         _active = Offload(config)
         threading.Thread._bootstrap_inner = _bootstrap_inner
 

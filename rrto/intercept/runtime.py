@@ -20,7 +20,9 @@ import torch
 
 from .. import codec
 from ..config import Config
-from ..errors import RrtoError, UnsupportedOpError
+from ..errors import RemoteError, RrtoError, UnsupportedOpError
+from ..record import GET, OP, PUT, SEED, SYNC, Event, name_key
+from ..replay.replayer import Replayer, cpu_bytes
 from ..replay.streamer import EagerStreamer
 from ..stats import Stats
 from ..transport import Link
@@ -54,6 +56,8 @@ class Plan:
     server_shapes: bool = False  # outputs depend on data: the server names and sizes them
     local: bool = False  # answered from metadata alone (template is the value)
     uploads: int = 0  # CPU tensors that travel inline with the op
+    pattern: tuple | None = None  # per output: new tensor (True) or an input given back (False)
+    nkey: int = 0  # the op log's level-1 key
 
 
 class Runtime:
@@ -61,6 +65,11 @@ class Runtime:
         self.config, self.link, self.info, self.stats = config, link, server_info, stats
         self.allowed = frozenset(server_info.get("allowed", ()))
         self.streamer = EagerStreamer(link, _handle_of, wait_every_op=config.mode == "rpc")
+        self.replayer: Replayer | None = None
+        if config.mode == "replay":
+            self.replayer = Replayer(stats, self._register, config.repeats, verbose=config.progress)
+            self.streamer.pre_source = self.replayer.take_pre
+        self._warned_register = False
         self._handles = itertools.count(1)
         self._blocks = itertools.count(2**52, _NAMED_OUTPUTS)
         self._plans: dict = {}
@@ -101,20 +110,40 @@ class Runtime:
         else:
             self.stats.meta_cache_hits += 1
         if plan.local:
-            return self._materialize(plan.template, tensors, [])
+            return self._materialize(plan.template, tensors, [], self._handles)
         if plan.uploads:
             self.stats.uploads += plan.uploads
+        rep = self.replayer
+        if rep is not None and rep.program is not None:
+            if plan.server_shapes:
+                if rep.match("shaped", key, tensors, None) is not None:
+                    return self._run_server_shaped(func, plan, args, kwargs, tensors, key, replayed=True)
+            else:
+                step = rep.match(OP, key, tensors, plan.pattern)
+                if step is not None:  # no message: the server runs it with the next one
+                    base = rep.base
+                    fresh = iter([base + o for o in step.out_offsets if o is not None])
+                    return self._materialize(plan.template, tensors, [], fresh)
         if plan.server_shapes:
-            return self._run_server_shaped(func, plan, args, kwargs, tensors)
+            return self._run_server_shaped(func, plan, args, kwargs, tensors, key)
         handles: list = []
-        out = self._materialize(plan.template, tensors, handles)
+        out = self._materialize(plan.template, tensors, handles, self._handles)
         self.streamer.op(plan.name, args, kwargs, handles)
+        if rep is not None and not rep.replaying:
+            rep.record(self._event(plan, key, tensors, handles))
         return out
 
-    def _materialize(self, tpl, tensors: list, handles: list):
+    def _event(self, plan: Plan, key, tensors: list, outs, shaped: bool = False) -> Event:
+        """The op log's entry for an op just sent."""
+        cpu = tuple(cpu_bytes(t) for t in tensors if type(t) is not RemoteTensor)
+        return Event(OP, plan.nkey, key, tuple(_handle_of(t) for t in tensors), cpu, tuple(outs),
+                     self.streamer.last_header, tuple(b for b in cpu if b is not None), shaped)
+
+    def _materialize(self, tpl, tensors: list, handles: list, fresh):
+        """The op's result from its template; new tensors take their handles from ``fresh``."""
         t = type(tpl)
         if t is TensorMeta:
-            h = next(self._handles)
+            h = next(fresh)
             handles.append(h)
             return RemoteTensor(tpl, h, self)
         if t is Alias:
@@ -124,19 +153,28 @@ class Runtime:
                 _set_meta(out, tpl.meta)
             return out
         if t is tuple or t is list:
-            return t(self._materialize(x, tensors, handles) for x in tpl)
+            return t(self._materialize(x, tensors, handles, fresh) for x in tpl)
         return tpl
 
-    def _run_server_shaped(self, func, plan: Plan, args, kwargs, tensors: list):
+    def _run_server_shaped(self, func, plan: Plan, args, kwargs, tensors: list, key, replayed: bool = False):
         base = next(self._blocks)
         reply = self.streamer.op(plan.name, args, kwargs, [], wait=True, out_base=base)
-        outs = []
+        header = self.streamer.last_header
+        outs, handles = [], []
         for i, m in enumerate(reply.get("m", [])):
             if isinstance(m, dict):
                 outs.append(tensors[m["a"]])
+                handles.append(None)
             else:
                 meta = TensorMeta(tuple(m[0]), tuple(m[1]), m[2], codec.dtype_of(m[3]))
                 outs.append(RemoteTensor(meta, base + i, self))
+                handles.append(base + i)
+        rep = self.replayer
+        if replayed:
+            rep.shaped_outputs(tuple(handles))
+        elif rep is not None and not rep.replaying:
+            self.streamer.last_header = header
+            rep.record(self._event(plan, key, tensors, handles, shaped=True))
         return _shape_result(func, outs, codec.decode_result(reply.get("v")))
 
     # -- planning (once per signature) -------------------------------------------------
@@ -160,13 +198,14 @@ class Runtime:
             res = func(*margs, **mkwargs)
         except Exception as e:  # noqa: BLE001
             if isinstance(e, NotImplementedError) or "meta" in str(e).lower():
-                return Plan(name, server_shapes=True, uploads=uploads)  # data decides the shapes
+                return Plan(name, server_shapes=True, uploads=uploads, nkey=name_key(OP, name))  # data decides
             raise
         index = {id(m): i for i, m in enumerate(metas)}
         template = _template(res, index, tensors)
         if not func._schema.is_mutable and (_no_tensors(res) or type(template) is Alias):
             return Plan(name, template=template, local=True)  # metadata answers it: no message
-        return Plan(name, template=template, uploads=uploads)
+        return Plan(name, template=template, uploads=uploads, pattern=_pattern(template, []),
+                    nkey=name_key(OP, name))
 
     def _wire_name(self, func) -> str:
         name = self._names.get(func)
@@ -185,9 +224,16 @@ class Runtime:
         if memory_format not in (None, torch.preserve_format):
             src = src.contiguous(memory_format=memory_format)
         desc, buf, private = codec.tensor_frame(src)
-        h = next(self._handles)
+        meta = TensorMeta(tuple(desc["sh"]), tuple(desc["st"]), 0, src.dtype)
+        rep, step = self.replayer, None
+        key = (PUT, meta)
+        if rep is not None and rep.program is not None:
+            step = rep.match(PUT, key, [], (True,))
+        h = rep.base + step.out_offsets[0] if step is not None else next(self._handles)
         self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking))
-        out = RemoteTensor(TensorMeta(tuple(desc["sh"]), tuple(desc["st"]), 0, src.dtype), h, self)
+        if rep is not None and step is None and not rep.replaying:
+            rep.record(Event(PUT, name_key(PUT), key, outs=(h,)))
+        out = RemoteTensor(meta, h, self)
         if dtype is not None and dtype != out.dtype:
             out = self.call(aten._to_copy.default, (out,), {"dtype": dtype})
         return out
@@ -197,7 +243,13 @@ class Runtime:
         if self.closed:
             raise RrtoError("this tensor belongs to an rrto session that has ended (rrto.disable() was called)")
         self.stats.downloads += 1
+        rep, step = self.replayer, None
+        key = (GET, t._meta)
+        if rep is not None and rep.program is not None:
+            step = rep.match(GET, key, [t])
         desc, frame = self.streamer.get(t._h, what=f"the download of a {list(t.shape)} {t.dtype} tensor")
+        if rep is not None and step is None and not rep.replaying:
+            rep.record(Event(GET, name_key(GET), key, handles=(t._h,)))
         cpu = codec.frame_tensor(desc, frame, max_bytes=1 << 62)
         if tuple(cpu.shape) != tuple(t.shape) or cpu.dtype != t.dtype:
             raise RrtoError(f"rrto internal error: the server holds a {list(cpu.shape)} {cpu.dtype} tensor "
@@ -212,15 +264,42 @@ class Runtime:
 
     def synchronize(self) -> None:
         self.stats.syncs += 1
+        rep, step = self.replayer, None
+        if rep is not None and rep.program is not None:
+            step = rep.match(SYNC, (SYNC,), [])
         self.streamer.request("sync")
+        if rep is not None and step is None and not rep.replaying:
+            rep.record(Event(SYNC, name_key(SYNC), (SYNC,)))
         if self.config.progress:
             self._print_progress()
 
     def seed(self, seed: int) -> None:
-        self.streamer.notify("seed", seed=int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+        rep, step = self.replayer, None
+        key = (SEED, seed)
+        if rep is not None and rep.program is not None:
+            step = rep.match(SEED, key, [])
+        self.streamer.notify("seed", seed=seed)
+        if rep is not None and step is None and not rep.replaying:
+            rep.record(Event(SEED, name_key(SEED), key))
 
     def memory_allocated(self) -> int:
         return int(self.streamer.request("mem")["allocated"])
+
+    def _register(self, program, drop: int | None) -> bool:
+        """Send an adopted program to the server; False (and eager from then on) if it refuses."""
+        header, frames = program.spec()
+        if drop is not None:
+            header["drop"] = drop
+        try:
+            self.streamer.register(header, frames)
+        except RemoteError as e:
+            if not self._warned_register:
+                self._warned_register = True
+                print(f"rrto: the server did not accept a recorded sequence ({e}); running it eagerly",
+                      file=sys.stderr, flush=True)
+            return False
+        return True
 
     def _print_progress(self) -> None:
         s = self.stats
@@ -295,6 +374,18 @@ def _warm_up_meta_kernels() -> None:
 
 def _handle_of(t: torch.Tensor) -> int | None:
     return t._h if type(t) is RemoteTensor else None
+
+
+def _pattern(tpl, out: list) -> tuple:
+    t = type(tpl)
+    if t is TensorMeta:
+        out.append(True)
+    elif t is Alias:
+        out.append(False)
+    elif t is tuple or t is list:
+        for x in tpl:
+            _pattern(x, out)
+    return tuple(out)
 
 
 def _sig(x, tensors: list):

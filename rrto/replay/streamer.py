@@ -20,6 +20,8 @@ class EagerStreamer:
     def __init__(self, link: Link, handle_of: Callable[[torch.Tensor], int | None], wait_every_op: bool):
         self.link, self._handle_of, self.wait_every_op = link, handle_of, wait_every_op
         self._frees: deque[int] = deque()
+        self.pre_source: Callable[[], list | None] | None = None  # replay: runs to do before a message
+        self.last_header: dict | None = None  # the op message sent last (the op log keeps it)
 
     def op(self, name: str, args: tuple, kwargs: dict, outs: list, wait: bool = False,
            out_base: int | None = None) -> dict | None:
@@ -49,6 +51,7 @@ class EagerStreamer:
             header["ob"] = out_base
         if descs:
             header["in"] = descs
+        self.last_header = header
         self._attach_frees(header)
         if wait or self.wait_every_op:
             return self.link.request(header, frames, what=name)[0]
@@ -86,6 +89,12 @@ class EagerStreamer:
         else:
             self.link.send(header)
 
+    def register(self, spec: dict, frames: list) -> None:
+        """Register a recorded program with the server (waits: the server may refuse it)."""
+        header = {"t": "prog", **spec}
+        self._attach_frees(header)
+        self.link.request(header, frames, what="the program registration")
+
     def bye(self) -> None:
         """End the session without waiting: the server frees everything this robot held."""
         self.link.send({"t": "bye"})
@@ -95,6 +104,11 @@ class EagerStreamer:
         self._frees.append(handle)
 
     def _attach_frees(self, header: dict) -> None:
+        """Frees and replay runs ride on whatever message leaves next."""
+        if self.pre_source is not None:
+            pre = self.pre_source()
+            if pre:
+                header["pre"] = pre
         if self._frees:
             fr, pop = [], self._frees.popleft
             try:

@@ -1,0 +1,171 @@
+"""Operator Sequence Search: find the per-inference sequence in the op log.
+
+Called whenever the robot had to wait for the server (a download, a synchronize, a
+data-dependent op): inference loops end on such a wait. The log's tail is then
+searched for a period L that repeated K times:
+
+* level 1 compares the cheap name keys: the candidate periods are the distances
+  back to earlier events with the same key as the last one, and a candidate holds
+  when the last K*L keys repeat with period L;
+* level 2 confirms it with full signatures (shapes, dtypes, scalars) and the data
+  flow: each tensor argument must be the output of the same earlier step in every
+  period, or the same outside tensor (a parameter), or consistently an outside
+  tensor that changes each time (recurrent state, pre-processing outside the loop).
+
+Anything before the last K periods (weight uploads, warm-up, one-off calls) is
+never looked at. The adopted Program starts at the period's first upload, the
+natural start of an inference, when there is one.
+"""
+from __future__ import annotations
+
+from .log import PUT, SEED, OpLog
+from .program import CPU, EXT, IN, PERSIST, SHAPED, Program, Step, erase, pattern_of
+
+_IN, _OUT = "in", "ext"
+
+
+class SequenceSearch:
+    def __init__(self, repeats: int = 2, max_period: int = 4096):
+        if repeats < 2:
+            raise ValueError("a sequence must repeat at least twice to be recognised")
+        self.repeats, self.max_period = repeats, max_period
+
+    def find(self, log: OpLog) -> Program | None:
+        """The program whose last ``repeats`` iterations end the log, or None."""
+        keys, k = log.nkeys, self.repeats
+        n = len(keys)
+        if n < 2 * k:
+            return None
+        last = keys[-1]
+        longest = min(self.max_period, n // k)
+        for L in range(1, longest + 1):
+            if keys[n - 1 - L] != last:
+                continue
+            if keys[n - k * L:n - L] != keys[n - (k - 1) * L:n]:  # level 1
+                continue
+            roles = self._confirm(log, L)  # level 2
+            if roles is not None and any(log.at(log.end - L + o).kind == "op" for o in range(L)):
+                return _build(log, L, roles)
+        return None
+
+    def _confirm(self, log: OpLog, L: int) -> list | None:
+        starts = [log.end - (p + 1) * L for p in range(self.repeats)]
+        roles = []
+        for o in range(L):
+            evs = [log.at(s + o) for s in starts]
+            e0 = evs[0]
+            pat = pattern_of(e0.outs)
+            if any(c is None for c in e0.cpu):
+                return None  # a large CPU tensor travels with this op: it is data, not a constant
+            for e in evs[1:]:
+                if e.key != e0.key or e.cpu != e0.cpu or e.shaped != e0.shaped or pattern_of(e.outs) != pat:
+                    return None
+            step = []
+            for t, h in enumerate(e0.handles):
+                if h is None:
+                    step.append((CPU,))
+                    continue
+                rs = [_origin(log, e.handles[t], s, s + o) for e, s in zip(evs, starts)]
+                if rs[0][0] == _IN:
+                    if any(r != rs[0] for r in rs):
+                        return None
+                    step.append(rs[0])
+                elif any(r[0] != _OUT for r in rs):
+                    return None
+                else:
+                    step.append((PERSIST, h) if all(r[1] == h for r in rs) else (EXT,))
+            roles.append(step)
+        return roles
+
+
+def _origin(log: OpLog, h: int, start: int, i: int) -> tuple:
+    p = log.producer.get(h)
+    if p is not None and start <= p[0] < i:
+        return (_IN, p[0] - start, p[1])
+    return (_OUT, h)
+
+
+def _build(log: OpLog, L: int, roles: list) -> Program:
+    """The last period as a Program, rotated to start at its first upload."""
+    start = log.end - L
+    events = [log.at(start + o) for o in range(L)]
+    r0 = next((o for o, e in enumerate(events) if e.kind == PUT), 0)
+    order = list(range(r0, L)) + list(range(r0))
+    pos_of = {o: p for p, o in enumerate(order)}
+    offsets: list[tuple] = []  # per step: handle offset of each output
+    shaped: list[bool] = []
+    n_handles = n_slots = 0
+    steps, frames, descs = [], [], []
+    for pos, o in enumerate(order):
+        ev = events[o]
+        step_roles = []
+        for (h, role) in zip(ev.handles, roles[o]):
+            kind = role[0]
+            if kind == _IN:
+                q, j = role[1], role[2]
+                if (o >= r0) != (q >= r0):  # made by the previous iteration: changes every time
+                    step_roles.append((EXT, n_slots))
+                    n_slots += 1
+                elif shaped[pos_of[q]]:
+                    step_roles.append((SHAPED, pos_of[q], j, n_slots))
+                    n_slots += 1
+                else:
+                    step_roles.append((IN, offsets[pos_of[q]][j]))
+            elif kind == EXT:
+                step_roles.append((EXT, n_slots))
+                n_slots += 1
+            elif kind == CPU:
+                step_roles.append((CPU,))
+            else:
+                step_roles.append(role)
+        cpu_roles = [i for i, r in enumerate(step_roles) if r[0] == CPU]
+        for i, b in zip(cpu_roles, ev.cpu):
+            step_roles[i] = (CPU, b)
+        outs = []
+        for h in ev.outs:
+            if h is None or ev.shaped:
+                outs.append(None)
+            else:
+                outs.append(n_handles)
+                n_handles += 1
+        offsets.append(tuple(outs))
+        shaped.append(ev.shaped)
+        kind = "shaped" if ev.shaped else ev.kind
+        name = ev.wire["op"] if ev.wire else ""
+        spec = {}
+        if kind == "op":
+            spec = _op_spec(ev, step_roles, tuple(outs), frames, descs)
+        key = ev.key
+        steps.append(Step(kind, key, erase(key), tuple(step_roles), pattern_of(ev.outs), tuple(outs), name, spec))
+    return Program(steps, n_handles, n_slots, frames, descs)
+
+
+def _op_spec(ev, roles: list, outs: tuple, frames: list, descs: list) -> dict:
+    """The op as the server will run it: tensor markers replaced by role markers."""
+    it = iter(roles)
+    base = len(frames)
+    frames.extend(ev.frames)
+    descs.extend(ev.wire.get("in", ()))
+
+    def walk(x):
+        if type(x) is list:
+            return [walk(y) for y in x]
+        if type(x) is dict and len(x) == 1 and ("h" in x or "i" in x):
+            r = next(it)
+            if r[0] == IN:
+                return {"s": r[1]}
+            if r[0] == PERSIST:
+                return {"h": r[1]}
+            if r[0] == CPU:
+                return {"i": base + x["i"]}
+            return {"x": r[-1]}
+        return x
+
+    spec = {"t": "op", "op": ev.wire["op"], "a": walk(ev.wire["a"])}
+    if "k" in ev.wire:
+        spec["k"] = {k: walk(v) for k, v in ev.wire["k"].items()}
+    spec["o"] = list(outs)
+    return spec
+
+
+__all__ = ["SequenceSearch", "SEED"]

@@ -1,0 +1,103 @@
+"""Program: one recorded inference, the data structure every executor interprets.
+
+A Program is a list of Steps, in the order the app issues them. Each step says what
+the app will call (its full signature ``key``, and ``ekey`` with tensor shapes
+erased), where each tensor argument comes from (its *role*), and which handles its
+outputs get. The robot's replayer checks the app's calls against the steps; the
+server runs the deferred ``op`` steps from ``spec()``, a pre-resolved op list.
+
+Roles of a tensor argument:
+  (IN, off)         output of an earlier step of this iteration: handle ``base + off``
+  (PERSIST, h)      the same tensor every iteration (a parameter): handle ``h``
+  (EXT, slot)       a tensor from outside this iteration that differs each time: the
+                    robot sends its handle in slot ``slot``
+  (SHAPED, pos, j, slot)  output ``j`` of step ``pos``, an op whose output shapes only the
+                    server knows; its handle travels in ``slot``
+  (CPU, bytes)      a small CPU tensor given with the op: a constant of the program
+
+Step kinds: ``op`` (deferred: the server runs it when the robot next sends anything),
+``shaped`` (an op the robot waits for), ``put``, ``get``, ``sync``, ``seed`` (their own
+messages, sent when the app reaches them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+IN, PERSIST, EXT, SHAPED, CPU = range(5)
+DEFERRED = "op"
+_T = "T"  # an erased tensor in a key
+
+
+@dataclass(eq=False)
+class Step:
+    kind: str
+    key: Any
+    ekey: Any
+    roles: tuple
+    pattern: tuple  # per output: True for a new tensor, False for an input given back (in place)
+    out_offsets: tuple  # per output: handle offset from the iteration's base, or None
+    name: str = ""
+    spec: dict = field(default_factory=dict)  # how the server runs it (op steps)
+
+    @property
+    def waits(self) -> bool:
+        return self.kind in ("shaped", "get", "sync")
+
+
+@dataclass(eq=False)
+class Program:
+    steps: list[Step]
+    n_handles: int  # handle offsets one iteration uses
+    n_slots: int
+    frames: list = field(default_factory=list)  # inline CPU constants, referenced by {"i": n}
+    descs: list = field(default_factory=list)
+    pid: int = 0
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def sync_points(self) -> int:
+        """Steps where the robot waits for the server."""
+        return sum(s.waits for s in self.steps)
+
+    @property
+    def uploads(self) -> int:
+        return sum(s.kind == "put" for s in self.steps)
+
+    @property
+    def fingerprint(self) -> tuple:
+        return tuple((s.kind, s.key, s.roles) for s in self.steps)
+
+    def spec(self) -> tuple[dict, list]:
+        """The registration message (header fields, frames) for the server."""
+        steps = [s.spec if s.kind == DEFERRED else {"t": s.kind} for s in self.steps]
+        return {"p": self.pid, "steps": steps, "in": self.descs}, list(self.frames)
+
+    def describe(self) -> str:
+        names = [s.name or s.kind for s in self.steps]
+        head = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        return (f"{len(self.steps)} steps ({head}), {self.uploads} upload(s), "
+                f"{self.sync_points} wait(s) per inference")
+
+
+def erase(key: Any) -> Any:
+    """``key`` with every tensor's shape, strides and offset replaced by its dtype alone.
+
+    Replay accepts a call whose shapes differ from the recording (a new input size, a
+    data-dependent count): the server runs it on the real tensors and the robot takes
+    the outputs' metadata from the meta kernels, so only op, scalars and roles must agree.
+    """
+    t = type(key)
+    if t is tuple or t is list:
+        if len(key) == 6 and key[0] == "cpu":
+            return ("cpu", key[5])
+        return tuple(erase(x) for x in key)
+    if hasattr(key, "_fields") and hasattr(key, "dtype") and hasattr(key, "shape"):
+        return (_T, key.dtype)
+    return key
+
+
+def pattern_of(outs: tuple) -> tuple:
+    return tuple(h is not None for h in outs)
