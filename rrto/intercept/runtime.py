@@ -116,20 +116,24 @@ class Runtime:
         rep = self.replayer
         if rep is not None and rep.program is not None:
             if plan.server_shapes:
-                if rep.match("shaped", key, tensors, None) is not None:
-                    return self._run_server_shaped(func, plan, args, kwargs, tensors, key, replayed=True)
+                step = rep.match("shaped", key, tensors, None)
+                if step is not None:
+                    return self._run_server_shaped(func, plan, args, kwargs, tensors, key, step)
             else:
                 step = rep.match(OP, key, tensors, plan.pattern)
                 if step is not None:  # no message: the server runs it with the next one
-                    base = rep.base
+                    base, handles = rep.base, []
                     fresh = iter([base + o for o in step.out_offsets if o is not None])
-                    return self._materialize(plan.template, tensors, [], fresh)
+                    out = self._materialize(plan.template, tensors, handles, fresh)
+                    if rep.unstable:
+                        rep.log_replayed(step, key, tensors, handles)
+                    return out
         if plan.server_shapes:
             return self._run_server_shaped(func, plan, args, kwargs, tensors, key)
         handles: list = []
         out = self._materialize(plan.template, tensors, handles, self._handles)
         self.streamer.op(plan.name, args, kwargs, handles)
-        if rep is not None and not rep.replaying:
+        if rep is not None:
             rep.record(self._event(plan, key, tensors, handles))
         return out
 
@@ -156,7 +160,7 @@ class Runtime:
             return t(self._materialize(x, tensors, handles, fresh) for x in tpl)
         return tpl
 
-    def _run_server_shaped(self, func, plan: Plan, args, kwargs, tensors: list, key, replayed: bool = False):
+    def _run_server_shaped(self, func, plan: Plan, args, kwargs, tensors: list, key, step=None):
         base = next(self._blocks)
         reply = self.streamer.op(plan.name, args, kwargs, [], wait=True, out_base=base)
         header = self.streamer.last_header
@@ -170,9 +174,11 @@ class Runtime:
                 outs.append(RemoteTensor(meta, base + i, self))
                 handles.append(base + i)
         rep = self.replayer
-        if replayed:
+        if step is not None:
             rep.shaped_outputs(tuple(handles))
-        elif rep is not None and not rep.replaying:
+            if rep.unstable:
+                rep.log_replayed(step, key, tensors, handles)
+        elif rep is not None:
             self.streamer.last_header = header
             rep.record(self._event(plan, key, tensors, handles, shaped=True))
         return _shape_result(func, outs, codec.decode_result(reply.get("v")))
@@ -231,8 +237,11 @@ class Runtime:
             step = rep.match(PUT, key, [], (True,))
         h = rep.base + step.out_offsets[0] if step is not None else next(self._handles)
         self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking))
-        if rep is not None and step is None and not rep.replaying:
-            rep.record(Event(PUT, name_key(PUT), key, outs=(h,)))
+        if rep is not None:
+            if step is None:
+                rep.record(Event(PUT, name_key(PUT), key, outs=(h,)))
+            elif rep.unstable:
+                rep.log_replayed(step, key, [], (h,))
         out = RemoteTensor(meta, h, self)
         if dtype is not None and dtype != out.dtype:
             out = self.call(aten._to_copy.default, (out,), {"dtype": dtype})
@@ -248,8 +257,11 @@ class Runtime:
         if rep is not None and rep.program is not None:
             step = rep.match(GET, key, [t])
         desc, frame = self.streamer.get(t._h, what=f"the download of a {list(t.shape)} {t.dtype} tensor")
-        if rep is not None and step is None and not rep.replaying:
-            rep.record(Event(GET, name_key(GET), key, handles=(t._h,)))
+        if rep is not None:
+            if step is None:
+                rep.record(Event(GET, name_key(GET), key, handles=(t._h,)))
+            elif rep.unstable:
+                rep.log_replayed(step, key, [t], ())
         cpu = codec.frame_tensor(desc, frame, max_bytes=1 << 62)
         if tuple(cpu.shape) != tuple(t.shape) or cpu.dtype != t.dtype:
             raise RrtoError(f"rrto internal error: the server holds a {list(cpu.shape)} {cpu.dtype} tensor "
@@ -268,8 +280,11 @@ class Runtime:
         if rep is not None and rep.program is not None:
             step = rep.match(SYNC, (SYNC,), [])
         self.streamer.request("sync")
-        if rep is not None and step is None and not rep.replaying:
-            rep.record(Event(SYNC, name_key(SYNC), (SYNC,)))
+        if rep is not None:
+            if step is None:
+                rep.record(Event(SYNC, name_key(SYNC), (SYNC,)))
+            elif rep.unstable:
+                rep.log_replayed(step, (SYNC,), [], ())
         if self.config.progress:
             self._print_progress()
 
@@ -280,8 +295,11 @@ class Runtime:
         if rep is not None and rep.program is not None:
             step = rep.match(SEED, key, [])
         self.streamer.notify("seed", seed=seed)
-        if rep is not None and step is None and not rep.replaying:
-            rep.record(Event(SEED, name_key(SEED), key))
+        if rep is not None:
+            if step is None:
+                rep.record(Event(SEED, name_key(SEED), key))
+            elif rep.unstable:
+                rep.log_replayed(step, key, [], ())
 
     def memory_allocated(self) -> int:
         return int(self.streamer.request("mem")["allocated"])

@@ -18,7 +18,7 @@ natural start of an inference, when there is one.
 """
 from __future__ import annotations
 
-from .log import PUT, SEED, OpLog
+from .log import PUT, OpLog
 from .program import CPU, EXT, IN, PERSIST, SHAPED, Program, Step, erase, pattern_of
 
 _IN, _OUT = "in", "ext"
@@ -51,15 +51,13 @@ class SequenceSearch:
     def _confirm(self, log: OpLog, L: int) -> list | None:
         starts = [log.end - (p + 1) * L for p in range(self.repeats)]
         roles = []
+        dynamic: set[int] = set()  # steps whose outputs' shapes depend on data
         for o in range(L):
             evs = [log.at(s + o) for s in starts]
             e0 = evs[0]
             pat = pattern_of(e0.outs)
             if any(c is None for c in e0.cpu):
                 return None  # a large CPU tensor travels with this op: it is data, not a constant
-            for e in evs[1:]:
-                if e.key != e0.key or e.cpu != e0.cpu or e.shaped != e0.shaped or pattern_of(e.outs) != pat:
-                    return None
             step = []
             for t, h in enumerate(e0.handles):
                 if h is None:
@@ -74,6 +72,16 @@ class SequenceSearch:
                     return None
                 else:
                     step.append((PERSIST, h) if all(r[1] == h for r in rs) else (EXT,))
+            # Shapes must repeat exactly, except downstream of a data-dependent op (a count of
+            # detections): there only op, scalars and data flow must, as replay checks them.
+            dyn = any(r[0] == _IN and r[1] in dynamic for r in step)
+            for e in evs[1:]:
+                if e.cpu != e0.cpu or e.shaped != e0.shaped or pattern_of(e.outs) != pat:
+                    return None
+                if e.key != e0.key and not (dyn and erase(e.key) == erase(e0.key)):
+                    return None
+            if dyn or e0.shaped:
+                dynamic.add(o)
             roles.append(step)
         return roles
 
@@ -136,7 +144,8 @@ def _build(log: OpLog, L: int, roles: list) -> Program:
         if kind == "op":
             spec = _op_spec(ev, step_roles, tuple(outs), frames, descs)
         key = ev.key
-        steps.append(Step(kind, key, erase(key), tuple(step_roles), pattern_of(ev.outs), tuple(outs), name, spec))
+        steps.append(Step(kind, key, erase(key), tuple(step_roles), pattern_of(ev.outs), tuple(outs), name, spec,
+                          ev))
     return Program(steps, n_handles, n_slots, frames, descs)
 
 
@@ -167,5 +176,3 @@ def _op_spec(ev, roles: list, outs: tuple, frames: list, descs: list) -> dict:
     spec["o"] = list(outs)
     return spec
 
-
-__all__ = ["SequenceSearch", "SEED"]

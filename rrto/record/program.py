@@ -39,6 +39,7 @@ class Step:
     out_offsets: tuple  # per output: handle offset from the iteration's base, or None
     name: str = ""
     spec: dict = field(default_factory=dict)  # how the server runs it (op steps)
+    event: Any = None  # the recorded event it was made from (the robot logs replayed steps like it)
 
     @property
     def waits(self) -> bool:

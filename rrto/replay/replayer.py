@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..record import CPU, EXT, IN, PERSIST, SHAPED, OpLog, Program, SequenceSearch, Step, erase
+from ..record import CPU, EXT, IN, PERSIST, SHAPED, Event, OpLog, Program, SequenceSearch, Step, erase
 from ..stats import Stats
 
 _REPLAY_HANDLES = 2**51  # handle range of replayed iterations (eager: from 1; server-named: 2**52)
@@ -47,6 +47,9 @@ class Replayer:
         self._messages_at_start = 0
         self._last = 0
         self.refused: set = set()  # fingerprints of programs the server would not take
+        # After a divergence the replayed steps are logged too, so that the sequence the app
+        # runs now (another scalar, another model) can be found while the old one still half-matches.
+        self.unstable = False
 
     @property
     def replaying(self) -> bool:
@@ -104,6 +107,12 @@ class Replayer:
         """The handles the server gave the data-dependent op just matched, for later steps' checks."""
         self._shaped[self._last] = handles
 
+    def log_replayed(self, step: Step, key: Any, tensors: list, outs) -> None:
+        """Log a replayed step as the event it stands for (only while the program is unstable)."""
+        ev = step.event
+        self.record(Event(ev.kind, ev.nkey, key, tuple(getattr(t, "_h", None) for t in tensors), ev.cpu,
+                          tuple(outs), ev.wire, ev.frames, ev.shaped))
+
     def take_pre(self) -> list | None:
         """The pending runs, for the message about to leave (the streamer asks before every send)."""
         if not self._pending:
@@ -116,7 +125,7 @@ class Replayer:
         self._next_base += max(self.program.n_handles, 1)
         self._shaped.clear()
         self._messages_at_start = self.stats.messages_sent
-        if len(self.log):
+        if len(self.log) and not self.unstable:
             self.log.clear()  # replayed iterations are not logged: the log must stay contiguous
 
     def _end(self) -> None:
@@ -136,6 +145,9 @@ class Replayer:
                       file=sys.stderr, flush=True)
             self.pos = 0
             self._run = None
+            if not self.unstable:
+                self.unstable = True
+                self.log.clear()  # recording restarts here
         return None
 
     # -- recording ------------------------------------------------------------------------
@@ -151,6 +163,7 @@ class Replayer:
             return
         fp = prog.fingerprint
         if self.program is not None and fp == self.program.fingerprint:
+            self.unstable = False
             self.log.clear()
             return  # the armed program again (after a divergence): keep it
         if fp in self.refused:
@@ -163,6 +176,8 @@ class Replayer:
             return
         self.program = prog
         self.pos = 0
+        self._run = None
+        self.unstable = False
         self.log.clear()
         s = self.stats
         s.sequence_found = True

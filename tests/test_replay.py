@@ -1,0 +1,228 @@
+"""Record-then-replay correctness: every replayed output equals the local eager one.
+
+Robot and server run the same torch build on the same CPU, so replayed results must be
+bit-equal to local ones. Each test also checks that replay really engaged (the stats
+count replayed inferences), so a replayer that silently fell back to eager would fail.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rrto
+
+from .conftest import run_rrto
+from .test_examples import run_example
+
+LOOPS = [
+    ("camera_loop.py", ["--frames", "20", "--size", "64"]),
+    ("camera_loop.py", ["--frames", "20", "--arch", "mobilenet_v2", "--size", "64"]),
+    ("keypoint_loop.py", ["--frames", "20", "--height", "96", "--width", "160", "--conf", "0.5"]),
+    ("scene_completion.py", ["--steps", "20", "--grid", "8", "24", "24"]),
+]
+
+
+@pytest.mark.parametrize("script, args", LOOPS, ids=lambda v: v if isinstance(v, str) else " ".join(v[2:4]))
+def test_example_loop_replays_with_outputs_equal_to_local(tmp_path, server, script, args):
+    local = run_example(tmp_path, script, args, "--mode", "local")
+    stats_path = tmp_path / "stats.json"
+    replayed = run_example(tmp_path, script, args, "--server", server.url, "--stats", str(stats_path))
+    assert local.keys() == replayed.keys() and local
+    for key in local:
+        assert np.array_equal(local[key], replayed[key]), f"{script}: {key} differs from the local run"
+    s = json.loads(stats_path.read_text())
+    assert s["mode"] == "replay" and s["sequence_found"]
+    assert s["replay_divergences"] == 0
+    assert s["replayed_inferences"] >= 20 - 5, f"replay engaged late: {s}"  # by iteration 5
+    # one message per upload and one per point where the app waits for data
+    assert s["messages_per_replayed_inference"] <= 2 + (s["sequence_waits"] - 1), s
+    assert s["messages_per_replayed_inference"] < s["sequence_length"] / 5, s
+
+
+def test_progress_reports_when_replay_engages(server):
+    res = run_rrto("--server", server.url, "--progress", "examples/camera_loop.py", "--frames", "5", "--size", "64")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rrto: replaying a recorded sequence of" in res.stderr
+    assert "replayed 3 inferences" in res.stderr.splitlines()[-1]
+
+
+# -- divergence: the app does something the recording did not -------------------------
+
+class TinyNet(nn.Module):
+    def __init__(self, width: int = 8, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, 4)
+        self.alt = nn.Linear(width, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return y.mean((2, 3))
+
+
+def run_loop(step, frames: int, server_url: str | None):
+    """Outputs of ``step(i, device, state)`` per frame, locally (server_url None) or replayed."""
+    if server_url is None:
+        state: dict = {}
+        return [step(i, torch.device("cpu"), state) for i in range(frames)], None
+    rrto.enable(server=server_url, mode="replay", timeout=20)
+    try:
+        state = {}
+        outs, replayed = [], []
+        for i in range(frames):
+            outs.append(step(i, torch.device("cuda"), state))
+            replayed.append(rrto.current().stats.replayed_inferences)
+        return outs, (replayed, rrto.current().stats.snapshot())
+    finally:
+        rrto.disable()
+
+
+def assert_same(local, remote):
+    assert len(local) == len(remote)
+    for i, (a, b) in enumerate(zip(local, remote)):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"frame {i}"
+        assert torch.equal(a, b), f"frame {i}: replayed output differs from local"
+
+
+def frames_of(size: int, n: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 3, size, size, generator=g) for _ in range(n)]
+
+
+def replayed_between(replayed: list, a: int, b: int) -> int:
+    """Inferences replayed during frames a..b-1."""
+    return replayed[b - 1] - (replayed[a - 1] if a else 0)
+
+
+def test_data_dependent_branch_that_flips_every_few_frames(server):
+    xs = frames_of(16, 24)
+    for i in range(24):  # the sign of the input's mean flips every 4th frame
+        xs[i] = xs[i].abs() * (-1 if i % 4 == 3 else 1)
+
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"] = TinyNet().eval().to(dev)
+        net = st["net"]
+        with torch.no_grad():
+            x = xs[i].to(dev)
+            f = net(x)
+            out = net.head(f) if x.mean().item() > 0 else net.alt(f) * 2
+            return out.cpu()
+
+    local, _ = run_loop(step, 24, None)
+    remote, (replayed, s) = run_loop(step, 24, server.url)
+    assert_same(local, remote)
+    assert s["replay_divergences"] >= 3, s  # each flip leaves the recorded branch
+    assert replayed_between(replayed, 16, 24) >= 5, replayed  # and replay picks up again after it
+
+
+def test_input_resolution_changes_mid_run(server):
+    xs = frames_of(16, 10) + frames_of(24, 10, seed=2)
+
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"] = TinyNet().eval().to(dev)
+        with torch.no_grad():
+            return st["net"].head(st["net"](xs[i].to(dev))).cpu()
+
+    local, _ = run_loop(step, 20, None)
+    remote, (replayed, s) = run_loop(step, 20, server.url)
+    assert_same(local, remote)
+    assert replayed_between(replayed, 12, 20) == 8, replayed
+
+
+def test_scalar_argument_changes(server):
+    xs = frames_of(16, 20)
+
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"] = TinyNet().eval().to(dev)
+        threshold = 0.1 if i < 10 else 0.3
+        with torch.no_grad():
+            f = st["net"](xs[i].to(dev))
+            return (f > threshold).float().mul(f).cpu()
+
+    local, _ = run_loop(step, 20, None)
+    remote, (replayed, s) = run_loop(step, 20, server.url)
+    assert_same(local, remote)
+    assert s["replay_divergences"] >= 1, s  # frame 10 left the recording at the comparison
+    assert replayed_between(replayed, 14, 20) == 6, replayed
+
+
+def test_weights_updated_in_place_between_frames(server):
+    xs = frames_of(16, 20)
+
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"] = TinyNet().eval().to(dev)
+        net = st["net"]
+        with torch.no_grad():
+            if i % 5 == 4:
+                for p in net.parameters():
+                    p.mul_(1.5).add_(0.01)
+            return net.head(net(xs[i].to(dev))).cpu()
+
+    local, _ = run_loop(step, 20, None)
+    remote, (replayed, s) = run_loop(step, 20, server.url)
+    assert_same(local, remote)
+    assert replayed_between(replayed, 10, 20) >= 7, replayed
+
+
+def test_model_replaced_by_another(server):
+    xs = frames_of(16, 20)
+
+    def step(i, dev, st):
+        if i in (0, 10):
+            st["net"] = TinyNet(seed=i).eval().to(dev)
+        with torch.no_grad():
+            return st["net"].head(st["net"](xs[i].to(dev))).cpu()
+
+    local, _ = run_loop(step, 20, None)
+    remote, (replayed, s) = run_loop(step, 20, server.url)
+    assert_same(local, remote)
+    assert s["replay_divergences"] >= 1, s
+    assert replayed_between(replayed, 14, 20) == 6, replayed
+
+
+def test_recurrent_state_carried_between_frames(server):
+    """Each frame reads the previous frame's output: a tensor from outside the iteration."""
+    xs = frames_of(16, 16)
+
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"], st["h"] = TinyNet().eval().to(dev), torch.zeros(1, 4, device=dev)
+        with torch.no_grad():
+            st["h"] = torch.tanh(st["net"].head(st["net"](xs[i].to(dev))) + 0.5 * st["h"])
+            return st["h"].cpu()
+
+    local, _ = run_loop(step, 16, None)
+    remote, (replayed, s) = run_loop(step, 16, server.url)
+    assert_same(local, remote)
+    assert replayed_between(replayed, 5, 16) == 11, replayed
+
+
+def test_two_uploads_item_in_the_middle_and_a_dict_output(server):
+    xs, ys = frames_of(16, 14), frames_of(16, 14, seed=3)
+
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"] = TinyNet().eval().to(dev)
+        net = st["net"]
+        with torch.no_grad():
+            a, b = net(xs[i].to(dev)), net(ys[i].to(dev))
+            gap = (a - b).abs().max().item()  # a sync in the middle of the sequence
+            out = {"sum": (a + b) / 2, "head": net.head(a) if gap < 1e6 else None}
+            return torch.cat([out["sum"].cpu(), out["head"].cpu(), torch.tensor([[gap]])], 1)
+
+    local, _ = run_loop(step, 14, None)
+    remote, (replayed, s) = run_loop(step, 14, server.url)
+    assert_same(local, remote)
+    assert s["sequence_uploads"] == 2 and s["sequence_waits"] >= 3, s
+    assert replayed_between(replayed, 4, 14) == 10, replayed
+    assert s["messages_per_replayed_inference"] <= s["sequence_uploads"] + s["sequence_waits"], s
