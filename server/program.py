@@ -30,10 +30,11 @@ class _Fill:
 
 
 class ProgramStep:
-    __slots__ = ("info", "args", "kwargs", "fills", "outs")
+    __slots__ = ("info", "args", "kwargs", "fills", "outs", "last_of")
 
     def __init__(self, info: OpInfo, args: list, kwargs: dict, fills: list, outs: list):
         self.info, self.args, self.kwargs, self.fills, self.outs = info, args, kwargs, fills, outs
+        self.last_of: list[int] = []  # offsets whose last reader in the program is this step
 
 
 class Program:
@@ -61,30 +62,53 @@ class Program:
                 steps.append(None)
                 continue
             steps.append(_decode_step(i, spec, session, consts, persistent))
+        last: dict[int, int] = {}
+        for i, st in enumerate(steps):
+            if st is not None:
+                for _, _, f in st.fills:
+                    if f.kind == "s":
+                        last[f.n] = i
+        for off, i in last.items():
+            steps[i].last_of.append(off)
         return cls(pid, steps, persistent)
 
-    def run(self, session, base: int, a: int, b: int, slots: dict) -> None:
-        """Run steps ``a`` to ``b - 1`` of the iteration whose handles start at ``base``."""
+    def run(self, session, base: int, a: int, b: int, slots: dict, dead: frozenset = frozenset()) -> None:
+        """Run steps ``a`` to ``b - 1`` of the iteration whose handles start at ``base``.
+
+        ``dead``: handles the robot has already dropped (the frees riding on this message).
+        Their tensors are never bound to a handle: they live in ``local`` only until their
+        last reader in this run, so a replayed inference holds no more than eager would.
+        """
         tensor, steps = session.tensor, self.steps
-        for i in range(a, b):
-            st = steps[i]
-            if st is None:
-                continue
-            fills = st.fills
-            try:
-                for box, where, f in fills:
-                    if f.kind == "s":
-                        box[where] = tensor(base + f.n)
-                    else:
-                        h = slots.get(f.n)
-                        if h is None:
-                            raise OpError(f"program {self.pid} step {i}: tensor slot {f.n} was not given")
-                        box[where] = tensor(h)
-                outs = [None if o is None else base + o for o in st.outs]
-                session.execute(st.info, st.args, st.kwargs, outs)
-            finally:
-                for box, where, f in fills:  # hold no tensor between runs: the robot may free it
-                    box[where] = f
+        local: dict[int, Any] = {}
+        try:
+            for i in range(a, b):
+                st = steps[i]
+                if st is None:
+                    continue
+                fills = st.fills
+                try:
+                    for box, where, f in fills:
+                        if f.kind == "s":
+                            t = local.get(f.n)
+                            box[where] = t if t is not None else tensor(base + f.n)
+                        else:
+                            h = slots.get(f.n)
+                            if h is None:
+                                raise OpError(f"program {self.pid} step {i}: tensor slot {f.n} was not given")
+                            box[where] = tensor(h)
+                    outs = [None if o is None or base + o in dead else base + o for o in st.outs]
+                    _, made, _ = session.execute(st.info, st.args, st.kwargs, outs)
+                    for o, h, t in zip(st.outs, outs, made):
+                        if o is not None and h is None and not isinstance(t, str):
+                            local[o] = t
+                finally:
+                    for box, where, f in fills:  # hold no tensor between runs: the robot may free it
+                        box[where] = f
+                for off in st.last_of:
+                    local.pop(off, None)
+        finally:
+            local.clear()
 
 
 def _decode_step(i: int, spec: dict, session, consts: list, persistent: set) -> ProgramStep:

@@ -136,7 +136,8 @@ class Session:
         t = h.get("t")
         pre = h.get("pre")
         if pre is not None:
-            self._run_programs(pre)
+            fr = h.get("fr")
+            self._run_programs(pre, frozenset(x for x in fr if type(x) is int) if type(fr) is list else frozenset())
         if t == "op":
             return self._op(h, frames)
         if t == "put":
@@ -241,7 +242,7 @@ class Session:
         log.info("session %s: program %d registered (%d steps)", self.token[:8], prog.pid, len(prog.steps))
         return {}, []
 
-    def _run_programs(self, runs) -> None:
+    def _run_programs(self, runs, dead: frozenset) -> None:
         """Run the confirmed steps a message carries in ``pre``: [[program, base, from, to, slots], ...]."""
         if type(runs) is not list or len(runs) > 64:
             raise OpError("'pre' must be a short list of program runs")
@@ -257,7 +258,7 @@ class Session:
                 raise OpError(f"bad run of program {pid}: steps {a}..{b}, base {base}")
             if len(flat) % 2:
                 raise OpError("run slots must come in (slot, handle) pairs")
-            prog.run(self, base, a, b, dict(zip(flat[::2], flat[1::2])))
+            prog.run(self, base, a, b, dict(zip(flat[::2], flat[1::2])), dead)
             self.programs_run += 1
 
     def _inject_generator(self, info: OpInfo, args: list, kwargs: dict) -> None:

@@ -67,9 +67,9 @@ def test_unmodified_app_with_embedded_server(app, tmp_path):
     for key in ("mode", "ops_intercepted", "messages_sent", "round_trips", "bytes_sent", "bytes_received",
                 "uploads", "downloads", "server"):
         assert key in s
-    assert s["mode"] == "eager" and s["server"].startswith("tcp://127.0.0.1:") and s["embedded_server"]
+    assert s["mode"] == "replay" and s["server"].startswith("tcp://127.0.0.1:") and s["embedded_server"]
     assert s["ops_intercepted"] > 0 and s["downloads"] >= 1 and s["messages_sent"] > s["round_trips"] > 0
-    assert "rrto: eager mode via" in res.stderr  # the summary line
+    assert "rrto: replay mode via" in res.stderr  # the summary line
 
 
 def test_server_option_and_environment(app, server, tmp_path):
