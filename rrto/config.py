@@ -19,6 +19,8 @@ class Config:
     stats: str | None = None  # path of the JSON stats file written at exit
     timeout: float = 30.0  # seconds to wait for any reply before raising LinkError
     progress: bool = False  # print a line per torch.cuda.synchronize()
+    server_key: str | None = None  # the server's public key file: encrypt and authenticate the link
+    robot_key: str | None = None  # this robot's .key_secret file (its key pair)
 
     @classmethod
     def resolve(cls, **given) -> "Config":
@@ -39,6 +41,9 @@ class Config:
             raise ValueError(f"unknown rrto mode {cfg.mode!r}; choose one of: {', '.join(MODES)}")
         if cfg.server is not None:
             cfg.server = normalize_url(cfg.server)
+        if (cfg.server_key or cfg.robot_key) and cfg.server is None and cfg.mode != "local":
+            raise ValueError("--server-key/--robot-key (RRTO_SERVER_KEY/RRTO_ROBOT_KEY) are for a remote "
+                             "rrto-server: give its address with --server URL too")
         if not cfg.timeout > 0:
             raise ValueError(f"rrto timeout must be a positive number of seconds, not {cfg.timeout!r}")
         return cfg
