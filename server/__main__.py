@@ -5,11 +5,7 @@ import argparse
 import logging
 import sys
 
-import torch
-
-from .auth import is_loopback
-from .daemon import Daemon
-from .session import Limits
+from .auth import reachable_from_network
 
 EPILOG = """\
 examples:
@@ -53,6 +49,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.keys and not args.insecure and reachable_from_network(args.listen):
+        print(f"rrto-server: refusing to listen on {args.listen} without keys: any machine that reaches it could "
+              "run ops here and read the traffic. Make keys with `rrto keygen DIR` and pass --keys DIR "
+              "(robots then need --server-key and --robot-key), or pass --insecure on a network you trust.",
+              file=sys.stderr)
+        return 2
+    import torch  # after the cheap checks: importing it takes seconds
+
+    from .daemon import Daemon
+    from .session import Limits
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -60,12 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    if not args.keys and not args.insecure and not is_loopback(args.listen):
-        print(f"rrto-server: refusing to listen on {args.listen} without keys: any machine that reaches it could "
-              "run ops here and read the traffic. Make keys with `rrto keygen DIR` and pass --keys DIR "
-              "(robots then need --server-key and --robot-key), or pass --insecure on a network you trust.",
-              file=sys.stderr)
-        return 2
     limits = Limits(max_session_bytes=args.max_session_mb << 20, max_tensor_bytes=args.max_tensor_mb << 20)
     try:
         daemon = Daemon(args.listen, device, limits, max_sessions=args.max_sessions,

@@ -22,20 +22,25 @@ ZAP_DOMAIN = "rrto"
 _TCP = re.compile(r"tcp://(?:\[([^\]]+)\]|([^:/]+)):[0-9*]+")
 
 
-def is_loopback(endpoint: str) -> bool:
-    """True when a zmq bind endpoint accepts connections from this machine only."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True  # not on the network at all; ipc is guarded by file permissions
+def reachable_from_network(endpoint: str) -> bool:
+    """True when a zmq bind endpoint accepts connections from other machines.
+
+    Loopback tcp, ipc (guarded by file permissions) and inproc are local; a transport
+    zmq does not know is left to fail at bind, with zmq's own message.
+    """
+    scheme = endpoint.partition("://")[0]
+    if scheme != "tcp":
+        return scheme in ("pgm", "epgm", "ws", "wss", "tipc", "vmci", "udp")
     m = _TCP.fullmatch(endpoint)
     if not m:
-        return False
+        return True
     host = m.group(1) or m.group(2)
     if host in ("localhost", "lo"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # '*', an interface name or a host name: reachable from the network
         return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # '*', an interface name or a host name: reachable from the network
+        return True
 
 
 class CurveAuth:

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,18 @@ class ServerProcess:
             self.proc.kill()
             raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
         self.url = m.group(1)
+        # Drained as it comes: a server logging many refusals would block on a full pipe.
+        self.log: list[str] = []
+        self._drain = threading.Thread(target=self.log.extend, args=(self.proc.stderr,), daemon=True)
+        self._drain.start()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server process now, MiB."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
     def stop(self, timeout: float = 15) -> int:
         if self.proc.poll() is None:
@@ -41,6 +51,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._drain.join(5)
         self.proc.stdout.close()
         self.proc.stderr.close()
         return self.proc.returncode
