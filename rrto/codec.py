@@ -50,7 +50,11 @@ REMOTE_DEVICE = {"dev": "r"}
 
 
 class CodecError(ValueError):
-    """A message that does not follow the wire format."""
+    """A message that does not follow the wire format; ``q`` is its sequence number when readable."""
+
+    def __init__(self, message: str, q: int | None = None):
+        super().__init__(message)
+        self.q = q
 
 
 # -- headers -------------------------------------------------------------------
@@ -79,7 +83,8 @@ def unpack(frames: list) -> tuple[dict, list]:
         raise CodecError("header is not a JSON object")
     # Decoders recurse: bound them before they see it (few brackets cannot nest deep: skip the walk).
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth_over(header, MAX_DEPTH):
-        raise CodecError(f"header nests lists or objects more than {MAX_DEPTH} deep")
+        q = header.get("q")
+        raise CodecError(f"header nests lists or objects more than {MAX_DEPTH} deep", q if type(q) is int else None)
     return header, list(frames[1:])
 
 

@@ -142,7 +142,7 @@ class Daemon:
         try:
             header, frames = codec.unpack(msg[1:])
         except codec.CodecError as e:
-            self._error(identity, None, "bad_request", f"malformed message: {e}")
+            self._error(identity, e.q, "bad_request", f"malformed message: {e}")
             return
         q, t = header.get("q"), header.get("t")
         if t == "hello":
@@ -156,6 +156,7 @@ class Daemon:
                             "Restart the app to open a new one.")
             return
         if t == "stats":
+            session.last_seen = time.monotonic()
             self._stats(identity, q)
             return
         nbytes = sum(len(f) for f in frames)

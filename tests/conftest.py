@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,18 @@ class ServerProcess:
         """Resident memory of the server process now, MiB."""
         with open(f"/proc/{self.proc.pid}/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    def settled_rss_mb(self, timeout: float = 15.0) -> float:
+        """RSS once it stops moving (the server warms up its meta kernels in the background)."""
+        last = self.rss_mb()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = self.rss_mb()
+            if abs(now - last) < 2:
+                return now
+            last = now
+        return last
 
     def stop(self, timeout: float = 15) -> int:
         if self.proc.poll() is None:
