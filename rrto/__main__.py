@@ -10,8 +10,8 @@ import traceback
 from .config import MODE_HELP, MODES
 
 EPILOG = """\
-environment: RRTO_SERVER, RRTO_MODE, RRTO_STATS, RRTO_TIMEOUT, RRTO_PROGRESS, RRTO_REPEATS set the same
-options; command-line options win.
+environment: RRTO_SERVER, RRTO_MODE, RRTO_STATS, RRTO_TIMEOUT, RRTO_PROGRESS, RRTO_REPEATS,
+RRTO_SERVER_KEY, RRTO_ROBOT_KEY set the same options; command-line options win.
 
 modes:
 """ + "\n".join(f"  {m:6} {MODE_HELP[m]}" for m in MODES) + """
@@ -19,7 +19,20 @@ modes:
 examples:
   python -m rrto examples/camera_loop.py            # embedded local server
   python -m rrto --server tcp://edge:5555 app.py --fps 30
-  python -m rrto --mode rpc --stats rpc.json app.py"""
+  python -m rrto --mode rpc --stats rpc.json app.py
+  python -m rrto --server tcp://edge:5555 --server-key keys/server.key --robot-key keys/robot.key_secret app.py
+
+keys: `python -m rrto keygen DIR` (or `rrto keygen DIR`) makes them; see `rrto keygen --help`."""
+
+KEYGEN_HELP = """\
+writes CurveZMQ key pairs into DIR (made if missing):
+  DIR/server.key            the server's public key: copy it to every robot (--server-key)
+  DIR/server.key_secret     the server's key pair: stays on the server (rrto-server --keys DIR)
+  DIR/NAME.key              the robot's public key
+  DIR/NAME.key_secret       the robot's key pair: copy it to the robot (--robot-key), keep it private
+  DIR/authorized/NAME.key   the robot keys the server admits: one file per robot
+The server key pair is made once; run again with --robot NAME to add a robot. To revoke a
+robot, delete its file from DIR/authorized and restart the server."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,6 +45,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mode", choices=MODES, help="how ops reach the server (default: replay)")
     p.add_argument("--stats", metavar="PATH", help="write counters as JSON to PATH when the app exits")
     p.add_argument("--timeout", type=float, metavar="S", help="seconds to wait for any server reply (default 30)")
+    p.add_argument("--server-key", metavar="PATH",
+                   help="the server's public key file (server.key): encrypt the link with CurveZMQ")
+    p.add_argument("--robot-key", metavar="PATH",
+                   help="this robot's key pair file (NAME.key_secret), authorised on the server")
     p.add_argument("--progress", action="store_true", default=None,
                    help="print messages and bytes per torch.cuda.synchronize() call")
     p.add_argument("--repeats", type=int, metavar="K",
@@ -48,8 +65,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return ns
 
 
+def keygen_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rrto keygen", description="Make CurveZMQ keys for rrto-server --keys.",
+                                epilog=KEYGEN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", metavar="DIR", help="the key folder")
+    p.add_argument("--robot", default="robot", metavar="NAME", help="name of the robot key pair (default: robot)")
+    ns = p.parse_args(argv)
+    from .keys import keygen
+
+    try:
+        for path in keygen(ns.dir, ns.robot):
+            print(path)
+    except (OSError, ValueError) as e:
+        print(f"rrto keygen: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    ns = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keygen"] and not os.path.exists("keygen"):  # an app file named keygen still runs
+        return keygen_main(argv[1:])
+    ns = parse_args(argv)
     if ns.script and not os.path.exists(ns.script):
         print(f"rrto: no such file: {ns.script}", file=sys.stderr)
         return 2
@@ -57,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rrto.enable(ns.server, ns.mode, stats=ns.stats, timeout=ns.timeout, progress=ns.progress,
-                    repeats=ns.repeats)
+                    repeats=ns.repeats, server_key=ns.server_key, robot_key=ns.robot_key)
     except (rrto.RrtoError, ValueError) as e:
         print(f"rrto: {e}", file=sys.stderr)
         return 2

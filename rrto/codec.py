@@ -28,6 +28,7 @@ import torch
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 MAX_DIMS = 32
+MAX_DEPTH = 32  # nesting of lists and objects in a header; real ones reach about 5
 
 _DTYPE_NAMES = [
     "float32", "float64", "float16", "bfloat16", "complex64", "complex128",
@@ -49,7 +50,11 @@ REMOTE_DEVICE = {"dev": "r"}
 
 
 class CodecError(ValueError):
-    """A message that does not follow the wire format."""
+    """A message that does not follow the wire format; ``q`` is its sequence number when readable."""
+
+    def __init__(self, message: str, q: int | None = None):
+        super().__init__(message)
+        self.q = q
 
 
 # -- headers -------------------------------------------------------------------
@@ -76,7 +81,23 @@ def unpack(frames: list) -> tuple[dict, list]:
         raise CodecError(f"header is not valid JSON ({str(e)[:80]})") from None
     if not isinstance(header, dict):
         raise CodecError("header is not a JSON object")
+    # Decoders recurse: bound them before they see it (few brackets cannot nest deep: skip the walk).
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth_over(header, MAX_DEPTH):
+        q = header.get("q")
+        raise CodecError(f"header nests lists or objects more than {MAX_DEPTH} deep", q if type(q) is int else None)
     return header, list(frames[1:])
+
+
+def _depth_over(x: Any, limit: int) -> bool:
+    todo = [(x, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if depth > limit:
+            return True
+        for w in (v.values() if type(v) is dict else v):
+            if type(w) is dict or type(w) is list:
+                todo.append((w, depth + 1))
+    return False
 
 
 # -- tensors as frames ---------------------------------------------------------

@@ -21,6 +21,8 @@ class Config:
     timeout: float = 30.0  # seconds to wait for any reply before raising LinkError
     progress: bool = False  # print a line per torch.cuda.synchronize()
     repeats: int = 2  # replay: adopt a sequence after it repeated this many times
+    server_key: str | None = None  # the server's public key file: encrypt and authenticate the link
+    robot_key: str | None = None  # this robot's .key_secret file (its key pair)
 
     @classmethod
     def resolve(cls, **given) -> "Config":
@@ -45,6 +47,9 @@ class Config:
             cfg.server = normalize_url(cfg.server)
         if cfg.repeats < 2:
             raise ValueError(f"rrto repeats must be 2 or more (a sequence is known once it repeated), not {cfg.repeats}")
+        if (cfg.server_key or cfg.robot_key) and cfg.server is None and cfg.mode != "local":
+            raise ValueError("--server-key/--robot-key (RRTO_SERVER_KEY/RRTO_ROBOT_KEY) are for a remote "
+                             "rrto-server: give its address with --server URL too")
         if not cfg.timeout > 0:
             raise ValueError(f"rrto timeout must be a positive number of seconds, not {cfg.timeout!r}")
         return cfg

@@ -2,28 +2,41 @@
 
 Messages that need no answer are sent and forgotten (zmq queues them); a request
 waits for its reply, matched by sequence number, never longer than the timeout.
-The session token from the hello handshake rides in every header.
+The session token from the hello handshake rides in every header. With curve keys
+the link is CurveZMQ: encrypted, and the server admits only robots it knows.
 """
 from __future__ import annotations
 
 import threading
+import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import codec
 from .errors import LinkError, remote_error
+from .keys import CurveKeys
 from .stats import Stats
+
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class Link:
-    def __init__(self, url: str, timeout: float, stats: Stats):
-        self.url, self.timeout, self.stats = url, timeout, stats
+    def __init__(self, url: str, timeout: float, stats: Stats, curve: CurveKeys | None = None):
+        self.url, self.timeout, self.stats, self.curve = url, timeout, stats, curve
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)  # eager streams run ahead; a sync point bounds them
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+        if curve is not None:  # before connect: the handshake is decided when the connection opens
+            self._sock.curve_serverkey = curve.server_public
+            self._sock.curve_publickey = curve.public
+            self._sock.curve_secretkey = curve.secret
+        # Watch the handshake until the hello is answered: a refused key is reported at once.
+        self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         self._sock.connect(url)
         self._lock = threading.RLock()
         self._seq = 0
@@ -33,14 +46,54 @@ class Link:
     def hello(self, info: dict) -> dict:
         """Open a session; returns the server's description of itself."""
         try:
+            self._wait_handshake()
             reply, _ = self.request({"t": "hello", "v": codec.PROTOCOL_VERSION, **info}, what="the hello handshake")
-        except LinkError:
+        except LinkError as e:
+            if "refused" in str(e):
+                raise
+            if self.curve is not None:
+                raise LinkError(
+                    f"rrto-server at {self.url} did not answer the hello within {self.timeout:g} s: is it running "
+                    "with --keys, is this robot's key authorised there (its .key file in the server's "
+                    "authorized/ folder) and is --server-key that server's public key?") from None
             raise LinkError(
                 f"could not reach rrto-server at {self.url} within {self.timeout:g} s. "
                 f"Start one with `rrto-server --listen {self.url}`, or leave out --server "
-                "to use an embedded local server.") from None
+                "to use an embedded local server. A server started with --keys needs "
+                "--server-key and --robot-key here.") from None
+        finally:
+            self._stop_monitor()
         self.session = reply["session"]
         return reply
+
+    def _wait_handshake(self) -> None:
+        """Wait for the zmq handshake; a server that rejects it raises LinkError now, not after a timeout.
+
+        zmq retries refused handshakes in the background forever, so without this a robot
+        with the wrong key would only ever see a timeout.
+        """
+        deadline = time.monotonic() + self.timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not self._monitor.poll(int(left * 1000) + 1):
+                break
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise LinkError(f"rrto-server at {self.url} refused this robot's key: add its public .key file "
+                                "to the server's authorized/ folder (see `rrto keygen --help`) and restart it")
+            if self.curve is None:
+                raise LinkError(f"rrto-server at {self.url} refused the unencrypted link: it runs with --keys, "
+                                "so give this robot --server-key and --robot-key (or RRTO_SERVER_KEY/RRTO_ROBOT_KEY)")
+            raise LinkError(f"rrto-server at {self.url} refused the encrypted handshake: check that --server-key "
+                            "is that server's public key and that it runs with --keys")
+        raise LinkError(f"no handshake with {self.url}")
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def send(self, header: dict, frames: list = (), wait_sent: bool = False) -> None:
         """Send without waiting for a reply; ``wait_sent`` blocks until zmq let go of the frames."""
@@ -102,5 +155,6 @@ class Link:
         with self._lock:
             if not self.closed:
                 self.closed = True
+                self._stop_monitor()
                 self._sock.close(linger=int(linger * 1000))
                 self._ctx.term()

@@ -5,16 +5,18 @@ import argparse
 import logging
 import sys
 
-import torch
-
-from .daemon import Daemon
-from .session import Limits
+from .auth import reachable_from_network
 
 EPILOG = """\
 examples:
   rrto-server                                  # loopback only, cuda if present else cpu
-  rrto-server --listen tcp://0.0.0.0:5555      # accept robots on every interface
-  python -m rrto --server tcp://EDGE:5555 app.py   # on the robot
+  rrto keygen keys/                            # once: server and robot key pairs, robot authorised
+  rrto-server --keys keys/ --listen tcp://0.0.0.0:5555   # encrypted; only authorised robots
+  python -m rrto --server tcp://EDGE:5555 --server-key server.key --robot-key robot.key_secret app.py
+
+--keys DIR reads DIR/server.key_secret and admits the robots whose public keys are files
+in DIR/authorized/ (read at start: restart to add or remove one). Without --keys, a
+non-loopback --listen is refused unless --insecure says the network is trusted.
 
 The server prints one line, 'rrto-server listening on URL ...', once it is ready.
 Ctrl-C or SIGTERM stop it cleanly."""
@@ -35,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest single tensor, MiB (default: %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=1800.0,
                    help="close a session silent this many seconds (default: %(default)s)")
+    p.add_argument("--keys", metavar="DIR",
+                   help="CurveZMQ: encrypt the link, admit only robots whose keys are in DIR/authorized")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --listen without --keys: anyone who reaches the port may run ops")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--exit-with-parent", action="store_true",
                    help="stop when the process that started this one exits (used for embedded servers)")
@@ -43,6 +49,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.keys and not args.insecure and reachable_from_network(args.listen):
+        print(f"rrto-server: refusing to listen on {args.listen} without keys: any machine that reaches it could "
+              "run ops here and read the traffic. Make keys with `rrto keygen DIR` and pass --keys DIR "
+              "(robots then need --server-key and --robot-key), or pass --insecure on a network you trust.",
+              file=sys.stderr)
+        return 2
+    import torch  # after the cheap checks: importing it takes seconds
+
+    from .daemon import Daemon
+    from .session import Limits
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -53,11 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(max_session_bytes=args.max_session_mb << 20, max_tensor_bytes=args.max_tensor_mb << 20)
     try:
         daemon = Daemon(args.listen, device, limits, max_sessions=args.max_sessions,
-                        idle_timeout=args.idle_timeout, exit_with_parent=args.exit_with_parent)
+                        idle_timeout=args.idle_timeout, exit_with_parent=args.exit_with_parent, keys=args.keys)
+    except ValueError as e:  # the key folder
+        print(f"rrto-server: --keys {args.keys}: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - bad endpoint, port in use: say so plainly
         print(f"rrto-server: cannot listen on {args.listen}: {e}", file=sys.stderr)
         return 2
-    print(f"rrto-server listening on {daemon.endpoint} (device {device}, torch {torch.__version__})", flush=True)
+    security = f"curve, {daemon.auth.robots} robot keys" if daemon.auth else "no keys"
+    print(f"rrto-server listening on {daemon.endpoint} (device {device}, torch {torch.__version__}, {security})",
+          flush=True)
     daemon.serve()
     logging.getLogger("rrto.server").info("rrto-server stopped")
     return 0

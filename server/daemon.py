@@ -19,33 +19,37 @@ import zmq
 
 from rrto import codec
 
+from .auth import CurveAuth
 from .ops import OpTable, SizeCheck, warm_up
 from .session import Limits, Session
 
 log = logging.getLogger("rrto.server")
 REPLIES = "inproc://rrto-replies"
+MAX_FRAMES = 1024  # tensor frames in one message: far more inline tensors than any op takes
 
 
 class Daemon:
     def __init__(self, listen: str, device: torch.device, limits: Limits, max_sessions: int = 64,
-                 idle_timeout: float = 1800.0, exit_with_parent: bool = False):
+                 idle_timeout: float = 1800.0, exit_with_parent: bool = False, keys: str | None = None):
         self.device, self.limits, self.max_sessions = device, limits, max_sessions
         self.idle_timeout = idle_timeout
+        bound_heap_growth()
         self.parent = os.getppid() if exit_with_parent else None
         self.ops = OpTable()
         self.sizes = SizeCheck(limits.max_tensor_bytes)
         self.sessions: dict[str, Session] = {}
+        self.closing: list[Session] = []  # ended sessions whose worker has not let go of its tensors yet
         self.stopping = False
         self.ctx = zmq.Context()
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.SNDHWM, 0)
-        self.router.setsockopt(zmq.RCVHWM, 0)
-        # zmq drops a peer that sends a frame larger than this, before buffering it.
-        self.router.setsockopt(zmq.MAXMSGSIZE, limits.max_tensor_bytes + codec.MAX_HEADER_BYTES)
-        if listen.endswith(":0"):
-            listen = listen[:-2] + ":*"
-        self.router.bind(listen)
+        self.auth: CurveAuth | None = None
+        try:
+            self.auth = CurveAuth(self.ctx, keys) if keys else None
+            self.router = self._bind(listen, limits)
+        except BaseException:
+            if self.auth is not None:
+                self.auth.stop()
+            self.ctx.destroy(linger=0)
+            raise
         self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.replies = self.ctx.socket(zmq.PULL)
         self.replies.bind(REPLIES)
@@ -53,6 +57,20 @@ class Daemon:
         # Exiting while this thread is inside torch's C++ aborts the process: close() joins it.
         self._warm_up = threading.Thread(target=warm_up, name="rrto-warm-up", daemon=True)
         self._warm_up.start()
+
+    def _bind(self, listen: str, limits: Limits) -> zmq.Socket:
+        router = self.ctx.socket(zmq.ROUTER)
+        if self.auth is not None:
+            self.auth.secure(router)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.SNDHWM, 0)
+        router.setsockopt(zmq.RCVHWM, 0)
+        # zmq drops a peer that sends a frame larger than this, before buffering it.
+        router.setsockopt(zmq.MAXMSGSIZE, limits.max_tensor_bytes + codec.MAX_HEADER_BYTES)
+        if listen.endswith(":0"):
+            listen = listen[:-2] + ":*"
+        router.bind(listen)
+        return router
 
     def _describe(self) -> dict:
         d = self.device
@@ -92,7 +110,10 @@ class Daemon:
                         msg = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._route(msg)
+                    try:
+                        self._route(msg)
+                    except Exception:  # noqa: BLE001 - a bug for one message must not stop the others
+                        log.exception("rrto-server: failed to route a message; serving on")
             now = time.monotonic()
             if now - last_housekeeping > 1.0:
                 last_housekeeping = now
@@ -111,13 +132,21 @@ class Daemon:
             if now - s.last_seen > self.idle_timeout:
                 log.info("session %s idle for %.0f s, closing it", token[:8], now - s.last_seen)
                 self._end(token)
+        still = [s for s in self.closing if s.thread.is_alive()]
+        if len(still) < len(self.closing):
+            release_freed_memory()
+        self.closing = still
 
     def _route(self, msg: list) -> None:
         identity = msg[0].bytes
+        if len(msg) > MAX_FRAMES + 2:
+            self._error(identity, None, "bad_request", f"message of {len(msg) - 1} frames; at most "
+                        f"{MAX_FRAMES + 1} are accepted")
+            return
         try:
             header, frames = codec.unpack(msg[1:])
         except codec.CodecError as e:
-            self._error(identity, None, "bad_request", f"malformed message: {e}")
+            self._error(identity, e.q, "bad_request", f"malformed message: {e}")
             return
         q, t = header.get("q"), header.get("t")
         if t == "hello":
@@ -130,6 +159,10 @@ class Daemon:
                             "unknown session: the server may have restarted or closed it after being idle. "
                             "Restart the app to open a new one.")
             return
+        if t == "stats":
+            session.last_seen = time.monotonic()
+            self._stats(identity, q)
+            return
         nbytes = sum(len(f) for f in frames)
         if not session.submit(header, frames, nbytes):
             self._error(identity, q, "quota",
@@ -137,7 +170,7 @@ class Daemon:
                         "the most it may queue; wait for replies before sending more")
             return
         if t == "bye":
-            self.sessions.pop(session.token, None)
+            self.closing.append(self.sessions.pop(session.token))
             log.info("session %s closed by the robot (%d ops run)", session.token[:8], session.ops_run)
 
     def _hello(self, identity: bytes, header: dict, frame) -> None:
@@ -156,11 +189,25 @@ class Daemon:
         s.start()
         try:
             peer = frame.get("Peer-Address")
+            if self.auth is not None:  # the ZAP handler's user id is the robot's public key
+                peer += f" key {frame.get('User-Id')[:8]}..."
         except zmq.ZMQError:
             peer = "?"
         log.info("session %s opened by %s (robot torch %s, mode %s)", token[:8], peer,
                  str(header.get("torch"))[:20], str(header.get("mode"))[:10])
         self.router.send_multipart([identity, *codec.pack({**self._hello_info, "q": q, "session": token})])
+
+    def _stats(self, identity: bytes, q) -> None:
+        """What the server holds now, for any session to ask: sessions open and their bytes.
+
+        Sessions that were closed but whose worker still runs count as closing, with their
+        tensors: memory is released when the worker has dropped them, not before.
+        """
+        live = [s for s in self.closing if s.thread.is_alive()]
+        held = [*self.sessions.values(), *live]
+        reply = {"t": "stats", "q": q, "sessions": len(self.sessions), "closing": len(live),
+                 "tensor_bytes": sum(s.live_bytes for s in held), "queued_bytes": sum(s.pending_bytes for s in held)}
+        self.router.send_multipart([identity, *codec.pack(reply)])
 
     def _reply_socket(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.PUSH)
@@ -176,6 +223,7 @@ class Daemon:
         s = self.sessions.pop(token, None)
         if s is not None:
             s.stop()
+            self.closing.append(s)
 
     def close(self) -> None:
         ending = list(self.sessions.values())
@@ -184,6 +232,38 @@ class Daemon:
         for s in ending:
             s.thread.join(timeout=5.0)
         self._warm_up.join(timeout=30.0)
+        if self.auth is not None:
+            self.auth.stop()
         self.router.close(linger=0)
         self.replies.close(linger=0)
         self.ctx.destroy(linger=0)
+
+
+def _libc():
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc: its allocator gives memory back by itself
+        return None
+
+
+_glibc = _libc()
+M_MMAP_THRESHOLD = -3
+
+
+def bound_heap_growth() -> None:
+    """Serve tensors of 1 MiB or more from their own mappings, returned to the system on free.
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), after which
+    tensors come from heaps that keep their peak: one robot sending big uploads would
+    leave the edge box that much poorer for good. A fixed threshold stops that.
+    """
+    if _glibc is not None:
+        _glibc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the system when a session has ended."""
+    if _glibc is not None:
+        _glibc.malloc_trim(0)

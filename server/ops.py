@@ -1,9 +1,11 @@
 """Which operators a robot may run here, and how big their outputs may get.
 
 An op is allowed when its name is on ALLOWED below or torch tags it pointwise
-(an element-wise op: its output is the broadcast of its inputs). Everything else,
-notably ops that touch files, raw storage or uninitialised memory of a resized
-tensor, is refused with a clear error. Before an op runs, its output sizes are
+(an element-wise op: its output is the broadcast of its inputs), and DENIED does not
+match it. Everything else, notably ops that touch files, raw storage or uninitialised
+memory of a resized tensor, is refused with a clear error. Only the ``aten`` namespace
+is served: ``prims``, ``quantized``, ``c10d``, ``inductor`` and every other
+``torch.ops`` namespace are refused by name. Before an op runs, its output sizes are
 computed with meta kernels (cached by signature) and checked against the limits,
 so a request can never make the server allocate more than a session may hold.
 """
@@ -67,6 +69,13 @@ DATA_DEPENDENT = {"nonzero", "masked_select", "_unique", "_unique2", "unique_dim
 # what another session left in the allocator's cache.
 UNINITIALISED = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided"}
 
+# Never served, whatever ALLOWED says or torch tags pointwise in some version: files,
+# storages, pinned or resized memory, nested/sparse/quantized layouts, backend-private
+# kernels, optimiser steps, asserts and debugging hooks. A guard against a future edit.
+DENIED = re.compile(r"from_file|nested|storage|^set_|resize|pin_memory|record_stream|^_?cudnn_|miopen|mkldnn|mps"
+                    r"|sparse|quantize|_make_|_copy_from|foreach|^_fused_(adam|sgd)|^_amp_|assert|print|save|load"
+                    r"|^_?wait|_cufft|^_?cuda|^_?c10d|dispatch|^_test|_lazy|_propagate")
+
 _NAME = re.compile(r"aten::([a-z_][a-z0-9_]*)\.([a-zA-Z0-9_]+)")
 
 
@@ -105,6 +114,8 @@ def allowed_names() -> list[str]:
             continue
         base, _, overload = full[6:].partition(".")
         name = f"aten::{base}.{overload or 'default'}"
+        if DENIED.search(base):
+            continue
         if base in ALLOWED:
             names.append(name)
             continue

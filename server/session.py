@@ -316,7 +316,8 @@ class Session:
         if self.live_bytes + nbytes > self.limits.max_session_bytes:
             raise OpError(f"session memory limit reached: {self.live_bytes / 2**20:.1f} MiB held, "
                           f"{nbytes / 2**20:.1f} MiB more asked, limit "
-                          f"{self.limits.max_session_bytes / 2**20:.0f} MiB", kind="quota")
+                          f"{self.limits.max_session_bytes / 2**20:.0f} MiB: free tensors the app no longer needs, "
+                          "or ask for a server started with a larger --max-session-mb", kind="quota")
 
     def _check_new(self, h) -> None:
         if type(h) is not int or not 0 < h < MAX_HANDLE:

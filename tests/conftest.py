@@ -5,6 +5,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -29,9 +31,30 @@ class ServerProcess:
             self.proc.kill()
             raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
         self.url = m.group(1)
+        # Drained as it comes: a server logging many refusals would block on a full pipe.
+        self.log: list[str] = []
+        self._drain = threading.Thread(target=self.log.extend, args=(self.proc.stderr,), daemon=True)
+        self._drain.start()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server process now, MiB."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    def settled_rss_mb(self, timeout: float = 15.0) -> float:
+        """RSS once it stops moving (the server warms up its meta kernels in the background)."""
+        last = self.rss_mb()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = self.rss_mb()
+            if abs(now - last) < 2:
+                return now
+            last = now
+        return last
 
     def stop(self, timeout: float = 15) -> int:
         if self.proc.poll() is None:
@@ -41,6 +64,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._drain.join(5)
         self.proc.stdout.close()
         self.proc.stderr.close()
         return self.proc.returncode

@@ -23,6 +23,7 @@ import torch
 
 from ..config import Config
 from ..errors import LinkError, RrtoError
+from ..keys import curve_keys
 from ..stats import Stats
 from ..transport import Link
 from . import cuda_backend, cuda_shim
@@ -111,7 +112,8 @@ class Offload:
             self.embedded = EmbeddedServer()
             url = self.embedded.url
         self.stats.server, self.stats.embedded_server = url, self.embedded is not None
-        self.link = Link(url, self.config.timeout, self.stats)
+        curve = curve_keys(self.config.server_key, self.config.robot_key)  # none for the embedded server
+        self.link = Link(url, self.config.timeout, self.stats, curve=curve)
         info = self.link.hello({"torch": torch.__version__, "mode": self.config.mode,
                                 "python": sys.version.split()[0]})
         self.stats.server_torch, self.stats.server_device = info.get("torch", ""), info.get("device", "")
@@ -161,21 +163,24 @@ def _bootstrap_inner(thread):
 
 
 def enable(server: str | None = None, mode: str | None = None, *, stats: str | None = None,
-           timeout: float | None = None, progress: bool | None = None, repeats: int | None = None) -> None:
+           timeout: float | None = None, progress: bool | None = None, repeats: int | None = None,
+           server_key: str | None = None, robot_key: str | None = None) -> None:
     """Make "cuda" mean rrto's virtual device in this process.
 
     ``server``: ``tcp://host:port`` of an ``rrto-server``; None starts an embedded one.
     ``mode``: ``replay`` (default), ``eager``, ``rpc`` or ``local``. ``repeats``: replay
-    adopts a sequence after it repeated this many times (default 2). Unset arguments
-    fall back to the ``RRTO_SERVER``, ``RRTO_MODE``, ``RRTO_STATS``, ``RRTO_TIMEOUT``,
-    ``RRTO_REPEATS`` variables.
+    adopts a sequence after it repeated this many times (default 2). ``server_key`` (the
+    server's public key file) and ``robot_key`` (this robot's ``.key_secret`` file) make the
+    link CurveZMQ-encrypted, for a server started with ``--keys``. Unset arguments fall back
+    to the ``RRTO_SERVER``, ``RRTO_MODE``, ``RRTO_STATS``, ``RRTO_TIMEOUT``, ``RRTO_REPEATS``,
+    ``RRTO_SERVER_KEY``, ``RRTO_ROBOT_KEY`` variables.
     """
     global _active
     with _enable_lock:
         if _active is not None:
             raise RrtoError("rrto is already enabled; call rrto.disable() first")
         config = Config.resolve(server=server, mode=mode, stats=stats, timeout=timeout, progress=progress,
-                                repeats=repeats)
+                                repeats=repeats, server_key=server_key, robot_key=robot_key)
         _active = Offload(config)
         threading.Thread._bootstrap_inner = _bootstrap_inner
 
