@@ -75,21 +75,19 @@ def test_bash_script_launch(tmp_path, shim, logged_server, local_logits):
     url, log = logged_server
     before = sessions_opened(log)
     script = tmp_path / "start_robot.sh"
-    outs = [tmp_path / "a.npz", tmp_path / "b.npz"]
+    out = tmp_path / "camera.npz"
     script.write_text(textwrap.dedent(f"""\
         #!/bin/bash
         set -e
         echo "launcher: $(basename "$0")"
-        {sys.executable} {CAMERA_APP} {' '.join(CAMERA)} --save {outs[0]}
-        pip --version > /dev/null   # a Python tool without torch: not offloaded
-        {sys.executable} {CAMERA_APP} {' '.join(CAMERA)} --save {outs[1]}
+        {sys.executable} -m pip --version > /dev/null   # a Python tool that never imports torch: left alone
+        {sys.executable} {CAMERA_APP} {' '.join(CAMERA)} --save {out}
         """))
     script.chmod(0o755)
     res = rrto_cli("run", "--server", url, "--stats", str(tmp_path / "stats.json"), "--", str(script))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "launcher: start_robot.sh" in res.stdout
-    assert res.stdout.count("frame   1:") == 2
-    check_offloaded(tmp_path, url, log, before, 2, outs, local_logits)
+    assert "launcher: start_robot.sh" in res.stdout and "frame   1:" in res.stdout
+    check_offloaded(tmp_path, url, log, before, 1, [out], local_logits)
 
 
 def test_subprocess_worker_from_an_offloaded_parent(tmp_path, shim, logged_server, local_logits):
@@ -115,7 +113,7 @@ def test_subprocess_worker_from_an_offloaded_parent(tmp_path, shim, logged_serve
 def test_multiprocessing_spawn_workers(tmp_path, shim, logged_server, local_logits):
     url, log = logged_server
     before = sessions_opened(log)
-    outs = [tmp_path / "w0.npz", tmp_path / "w1.npz"]
+    outs = [tmp_path / "worker.npz"]
     parent = tmp_path / "pool.py"
     parent.write_text(textwrap.dedent(f"""\
         import multiprocessing as mp, runpy, sys, torch
@@ -139,7 +137,7 @@ def test_multiprocessing_spawn_workers(tmp_path, shim, logged_server, local_logi
                    str(parent), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "PARENT 2.0" in res.stdout
-    check_offloaded(tmp_path, url, log, before, 3, outs, local_logits)  # the parent and two workers
+    check_offloaded(tmp_path, url, log, before, 2, outs, local_logits)  # the parent and its worker
 
 
 def test_rrto_run_starts_one_embedded_server_for_the_tree(tmp_path, shim):
@@ -166,9 +164,7 @@ def test_rrto_run_exit_status_and_missing_command(tmp_path):
 
 def test_script_named_like_a_subcommand_still_runs(tmp_path):
     (tmp_path / "run").write_text("print('I am a script called run')\n")
-    res = rrto_cli("--mode", "local", "--quiet", "run", cwd=tmp_path)  # an option first: plainly a script
-    assert res.returncode == 0 and "I am a script called run" in res.stdout
-    res = rrto_cli("run", "--mode", "local", cwd=tmp_path)  # a file named run wins over the subcommand
+    res = rrto_cli("run", cwd=tmp_path, env={"RRTO_MODE": "local"})  # a file named run wins over the subcommand
     assert res.returncode == 0 and "I am a script called run" in res.stdout
 
 
