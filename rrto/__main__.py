@@ -8,6 +8,7 @@ import sys
 import traceback
 
 from .config import MODE_HELP, MODES
+from .preload.cli import SUBCOMMANDS
 
 EPILOG = """\
 environment: RRTO_SERVER, RRTO_MODE, RRTO_STATS, RRTO_TIMEOUT, RRTO_PROGRESS, RRTO_REPEATS,
@@ -15,6 +16,12 @@ RRTO_SERVER_KEY, RRTO_ROBOT_KEY set the same options; command-line options win.
 
 modes:
 """ + "\n".join(f"  {m:6} {MODE_HELP[m]}" for m in MODES) + """
+
+other commands (each has --help):
+  rrto run [options] -- COMMAND ARGS   run any command (shell script, launcher) with every Python
+                                       process under it offloaded, through an LD_PRELOAD shim
+  rrto preload-path                    print the shim's path, for LD_PRELOAD in launch files
+  rrto trace app.py ARGS               count the CUDA driver calls per inference on a local GPU
 
 examples:
   python -m rrto examples/camera_loop.py            # embedded local server
@@ -86,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["keygen"] and not os.path.exists("keygen"):  # an app file named keygen still runs
         return keygen_main(argv[1:])
+    # A subcommand unless it names a file: `python -m rrto run` still runs a script called "run".
+    if argv and argv[0] in SUBCOMMANDS and not os.path.exists(argv[0]):
+        from .preload.cli import main as subcommand
+
+        return subcommand(argv)
     ns = parse_args(argv)
     if ns.script and not os.path.exists(ns.script):
         print(f"rrto: no such file: {ns.script}", file=sys.stderr)
