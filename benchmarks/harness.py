@@ -10,6 +10,7 @@ app's ``--timings`` file (wall and CPU time) and rrto's per-synchronize progress
 from __future__ import annotations
 
 import atexit
+import math
 import datetime
 import json
 import os
@@ -46,6 +47,7 @@ class Settings:
     repeats: int = 3
     robot_cpu: float | None = 1.0
     server_device: str = "auto"
+    server_threads: int | None = None  # torch threads of the servers; None: the cores the robot leaves
     emulation: str = "auto"  # auto, netns or userspace
     power: PowerModel = field(default_factory=PowerModel)
     run_timeout: float = 900.0
@@ -145,9 +147,13 @@ def _run(s: Settings, cleanup: Cleanup) -> dict:
     server_log = open(s.out / "logs" / "servers.log", "w")
     cleanup.add(server_log.close)
     py = sys.executable
+    # Robot and server share this machine's cores: more server threads than the cores the robot leaves
+    # free makes OpenMP spin against the robot, and a stream of small ops (eager, rpc) then takes seconds.
+    server_threads = s.server_threads or max(1, (os.cpu_count() or 1) - math.ceil(s.robot_cpu or 0))
+    server_env = {**os.environ, "OMP_NUM_THREADS": str(server_threads)}
 
     def start_server(cmd: list[str], pattern: str):
-        proc, (m,) = start_ready(net.server_cmd(cmd), pattern, stderr=server_log)
+        proc, (m,) = start_ready(net.server_cmd(cmd), pattern, stderr=server_log, env=server_env)
         cleanup.add(lambda: stop(proc))
         return proc, m
 
@@ -212,9 +218,10 @@ def _run(s: Settings, cleanup: Cleanup) -> dict:
         "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
         "machine": machine(),
         "torch": _torch_version(),
-        "server": server_info,
+        "server": {**server_info, "threads": server_threads},
         "link_emulation": net.label if net.kind == "netns" else f"userspace relay ({net.reason})",
         "link_emulation_kind": net.kind,
+        "namespaces": [net.robot_ns, net.server_ns] if net.kind == "netns" else [],
         "robot": cpu.describe(),
         "settings": {"frames": s.frames, "warmup": s.warmup, "repeats": s.repeats, "server_device": s.server_device,
                      "models": [w.name for w in s.workloads], "modes": s.modes},

@@ -206,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     stop, wake = threading.Event(), threading.Event()
 
     def on_signal(signum, _frame):
-        if signum == signal.SIGUSR1 and clock is not None:
-            clock.restart()
-        else:
+        if signum != signal.SIGUSR1:
             stop.set()
+        elif clock is not None:
+            clock.restart()
         wake.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):

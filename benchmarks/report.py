@@ -39,7 +39,8 @@ def header(results: dict) -> str:
     """What was measured, in a few lines: machine, devices, links, robot."""
     m, s = results["machine"], results["settings"]
     out = [f"machine: {m['cpu']} x{m['cores']}, {m['platform']}, python {m['python']}, torch {results['torch']}",
-           f"server device: {results['server'].get('device', '?')} (torch {results['server'].get('torch', '?')})",
+           f"server device: {results['server'].get('device', '?')} (torch {results['server'].get('torch', '?')}, "
+           f"{results['server'].get('threads', '?')} CPU thread(s))",
            f"link emulation: {results['link_emulation']}",
            f"robot: {results['robot']['limit']} ({results['robot']['cpu_share'] or 'all'} core), "
            f"{results['robot']['torch_threads']} torch thread(s)",

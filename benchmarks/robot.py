@@ -53,7 +53,8 @@ class CpuLimit:
         return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"), *cmd]
 
     def describe(self) -> dict:
-        return {"cpu_share": self.share, "limit": self.how, "torch_threads": self.threads}
+        return {"cpu_share": self.share, "limit": self.how, "torch_threads": self.threads,
+                "cgroup": str(self.path) if self.path else None}
 
     def close(self) -> None:
         if self.path is None:
