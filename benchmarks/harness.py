@@ -71,6 +71,8 @@ class Cleanup:
         self.steps: list = []
         atexit.register(self.run)
         self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+        # Ctrl-C must unwind too, also where a shell started us with SIGINT ignored (a background job).
+        self.old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _on_signal(self, signum, _frame):
         raise SystemExit(128 + signum)  # unwinds through the finally blocks
