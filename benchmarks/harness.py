@@ -350,7 +350,7 @@ def rows(s: Settings, runs: dict[tuple, list[Run]], modes: dict[str, bool]) -> l
                     row.update(status="failed", error=next((r.error for r in got if r.error), "did not run"))
                 else:
                     rate = link_by_name[key[2]].energy_rate_mbit if key[2] else None
-                    row.update(summarize(frames, rate, s.power))
+                    row.update(summarize(frames, rate, s.power, s.robot_cpu))
                     row["runs"], row["failed_runs"] = len(got), sum(1 for r in got if r.error)
                     row["server_device"] = next((r.stats.get("server_device") for r in got if r.stats), None)
                     row["per_inference_source"] = next((r.source for r in got if r.source), "")
@@ -361,13 +361,23 @@ def rows(s: Settings, runs: dict[tuple, list[Run]], modes: dict[str, bool]) -> l
     return out
 
 
-def summarize(frames: list[dict], rate_mbit: float | None, power: PowerModel) -> dict:
+def busy_s(cpu_s: float, wall_s: float, robot_cpu: float | None) -> float:
+    """Seconds the emulated robot computes: host CPU seconds scaled by its quota (half a core
+    spends 40 ms of host CPU in 80 ms of being busy), never more than the frame took."""
+    return min(cpu_s / robot_cpu if robot_cpu else cpu_s, wall_s)
+
+
+def summarize(frames: list[dict], rate_mbit: float | None, power: PowerModel, robot_cpu: float | None = None) -> dict:
+    """Latency, per-inference counts and modelled energy of the measured frames (medians).
+
+    Energy per frame: computing for ``busy_s``, transmitting for bytes sent / link rate, the
+    two not overlapping unless their sum exceeds the frame, idle-waiting the rest."""
     lat = sorted(f["wall_s"] * 1e3 for f in frames)
     med = statistics.median
 
     def energy(f):
         transmit = f["bytes_sent"] * 8 / (rate_mbit * 1e6) if rate_mbit else 0.0
-        return robot_energy_j(f["cpu_s"], transmit, 0.0, f["wall_s"], power)
+        return robot_energy_j(busy_s(f["cpu_s"], f["wall_s"], robot_cpu), transmit, 0.0, f["wall_s"], power)
 
     return {
         "status": "ok",
@@ -379,6 +389,7 @@ def summarize(frames: list[dict], rate_mbit: float | None, power: PowerModel) ->
                           "bytes_up": med(f["bytes_sent"] for f in frames),
                           "bytes_down": med(f["bytes_received"] for f in frames)},
         "robot_cpu_ms": round(med(f["cpu_s"] for f in frames) * 1e3, 3),
+        "robot_busy_ms": round(med(busy_s(f["cpu_s"], f["wall_s"], robot_cpu) for f in frames) * 1e3, 3),
         "energy_j": round(med(energy(f) for f in frames), 5),
         "latencies_ms": [round(f["wall_s"] * 1e3, 3) for f in frames],
     }

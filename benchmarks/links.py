@@ -28,6 +28,9 @@ TRACES = Path(__file__).resolve().parent / "traces"
 NAMED = {"indoor": (TRACES / "indoor.csv", 4.0), "outdoor": (TRACES / "outdoor.csv", 8.0)}
 LAN_ASSUMED_MBIT = 1000.0  # an unshaped link's rate, for the energy model's transmit time only
 TBF_LATENCY_MS = 200  # tbf queue: as many bytes as this many ms at the current rate
+# A link's rate means TCP goodput (what iperf on the robot would report, and what the traces
+# hold); tbf meters whole Ethernet frames: 1514 bytes on the wire per 1448 bytes of payload.
+WIRE_PER_PAYLOAD = 1514 / 1448
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,7 @@ class NetnsNetwork:
         return targets
 
     def set_rate(self, rate_mbit: float, verb: str = "change") -> None:
-        rate_mbit = max(rate_mbit, 0.05)
+        rate_mbit = max(rate_mbit, 0.05) * WIRE_PER_PAYLOAD
         burst = max(32 * 1024, int(rate_mbit * 1e6 / 8 * 0.002))  # >= 2 ms of traffic, and a few packets
         for ns, dev in self._sides():
             subprocess.run(["tc", "-n", ns, "qdisc", verb, "dev", dev, "root", "tbf", "rate", f"{rate_mbit:.3f}mbit",

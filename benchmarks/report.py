@@ -18,7 +18,7 @@ def table(results: dict) -> str:
     local = {r["model"]: r["latency_ms"]["median"] for r in results["results"]
              if r["mode"] == "local" and r["status"] == "ok"}
     lines = ["| model | link | mode | median ms | p90 ms | vs local | messages / inf | waits / inf | kB up / inf "
-             "| kB down / inf | robot CPU ms / inf | robot energy J / inf |",
+             "| kB down / inf | robot busy ms / inf | robot energy J / inf |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["results"]:
         head = f"| {r['model']} | {r['link'] or '-'} | {r['mode']} |"
@@ -31,7 +31,7 @@ def table(results: dict) -> str:
         vs = f"{lat['median'] / base:.2f}" if base else "-"
         lines.append(f"{head} {lat['median']:.1f} | {lat['p90']:.1f} | {vs} | {per['messages']:.0f} | "
                      f"{per['round_trips']:.0f} | {per['bytes_up'] / 1e3:.1f} | {per['bytes_down'] / 1e3:.1f} | "
-                     f"{r['robot_cpu_ms']:.1f} | {r['energy_j']:.3f} |")
+                     f"{r['robot_busy_ms']:.1f} | {r['energy_j']:.3f} |")
     return "\n".join(lines)
 
 
@@ -74,6 +74,7 @@ def _bars(results: dict, value, ylabel: str, title: str, path: Path, local_label
                                                       * len(models), 4.2), squeeze=False)
     width = 0.8 / max(len(modes), 1)
     for ax, model in zip(axes[0], models):
+        shown: list[float] = []
         for j, mode in enumerate(modes):
             xs, hs, errs, missing = [], [], [], []
             for i, link in enumerate(links):
@@ -86,10 +87,14 @@ def _bars(results: dict, value, ylabel: str, title: str, path: Path, local_label
                 xs.append(x)
                 hs.append(v)
                 errs.append(max(hi - v, 0) if hi is not None else 0)
-            ax.bar(xs, hs, width, yerr=[[0] * len(errs), errs], capsize=2, label=mode,
-                   color=MODE_COLORS.get(mode), edgecolor="black", linewidth=0.4)
+            if xs:
+                bars = ax.bar(xs, hs, width, yerr=[[0] * len(errs), errs] if any(errs) else None, capsize=2,
+                              label=mode, color=MODE_COLORS.get(mode), edgecolor="black", linewidth=0.4)
+                ax.bar_label(bars, labels=[f"{h:.0f}" if h >= 100 else f"{h:.3g}" for h in hs], fontsize=6, padding=1)
+                shown += hs
             for x, text in missing:
-                ax.text(x, 0, text, rotation=90, ha="center", va="bottom", fontsize=7, color="gray")
+                ax.text(x, 0.02, text, rotation=90, ha="center", va="bottom", fontsize=7, color="gray",
+                        transform=ax.get_xaxis_transform())
         local = next((r for r in rows if r["model"] == model and r["mode"] == "local" and r["status"] == "ok"), None)
         if local is not None:
             ax.axhline(value(local)[0], color="black", linestyle="--", linewidth=1, label=local_label)
@@ -98,7 +103,11 @@ def _bars(results: dict, value, ylabel: str, title: str, path: Path, local_label
         ax.set_title(model, fontsize=10)
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
-        ax.set_ylim(bottom=0)
+        if shown and min(shown) > 0 and max(shown) / min(shown) > 15:  # rpc next to direct: keep both readable
+            ax.set_yscale("log")
+            ax.set_ylabel(ylabel + " (log scale)")
+        else:
+            ax.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
