@@ -34,6 +34,7 @@ MODE_ORDER = ("local", "rpc", "eager", "replay", "direct", "partition", "lop")
 HARNESS_MODES = ("direct",)  # implemented here, not by rrto
 SYNC = re.compile(r"rrto: sync \d+: [\d.]+ ms, (\d+) messages, (\d+) round trips, ([\d.]+) kB up, ([\d.]+) kB down")
 FIRST_FRAME = re.compile(r"^\s*(frame|step)\s+0:")
+ENERGY_SPLIT = ("compute_s", "transmit_s", "overlap_s")  # per-inference robot time split, where a mode reports it
 
 
 @dataclass
@@ -321,8 +322,9 @@ def per_frame_counts(stats: dict, stderr: str, n: int) -> tuple[list[dict], str]
     """Messages and bytes of each frame: from the stats file's ``inferences`` list, or from rrto's
     per-synchronize progress lines (the apps synchronize once per frame), or else averaged."""
     keys = ("messages_sent", "round_trips", "bytes_sent", "bytes_received")
-    if len(stats.get("inferences") or []) == n:
-        return [{k: f.get(k, 0) for k in keys} for f in stats["inferences"]], "stats inferences"
+    if len(stats.get("inferences") or []) == n:  # may also carry a lop run's compute_s, transmit_s, overlap_s
+        return [{**{k: f.get(k, 0) for k in keys}, **{k: f[k] for k in ENERGY_SPLIT if k in f}}
+                for f in stats["inferences"]], "stats inferences"
     syncs = [m.groups() for m in SYNC.finditer(stderr)]
     if len(syncs) == n:
         return [{"messages_sent": int(a), "round_trips": int(b), "bytes_sent": float(c) * 1e3,
@@ -376,6 +378,8 @@ def summarize(frames: list[dict], rate_mbit: float | None, power: PowerModel, ro
     med = statistics.median
 
     def energy(f):
+        if all(k in f for k in ENERGY_SPLIT):  # the mode knows its own split (lop's band schedule)
+            return robot_energy_j(f["compute_s"], f["transmit_s"], f["overlap_s"], f["wall_s"], power)
         transmit = f["bytes_sent"] * 8 / (rate_mbit * 1e6) if rate_mbit else 0.0
         return robot_energy_j(busy_s(f["cpu_s"], f["wall_s"], robot_cpu), transmit, 0.0, f["wall_s"], power)
 
