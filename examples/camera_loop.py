@@ -9,11 +9,11 @@ uint8 HxWx3 arrays, as a camera driver gives them. Offload it with:
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
+from frame_timer import FrameTimer
 from models import CLASSIFIERS, randomize_norms
 
 
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", help="write every frame's logits to this .npz file")
+    p.add_argument("--timings", help="write each frame's wall and CPU time to this JSON file")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
@@ -44,20 +45,20 @@ def main() -> None:
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
 
-    logits_per_frame, latencies = [], []
+    logits_per_frame, latencies, timer = [], [], FrameTimer(args.timings)
     with torch.inference_mode():
         for i, frame in enumerate(camera_frames(args.frames, args.size, args.seed)):
-            t0 = time.perf_counter()
+            timer.start()
             x = frame.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float().div_(255)
             logits = model((x - mean) / std)
             top5 = logits.softmax(-1).topk(5).indices[0].tolist()
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            latencies.append(time.perf_counter() - t0)
+            latencies.append(timer.stop())
             print(f"frame {i:3d}: {latencies[-1] * 1e3:8.1f} ms   top-5 classes {top5}")
             if args.save:
                 logits_per_frame.append(logits.cpu().numpy())
     if len(latencies) > 1:
         print(f"median latency after the first frame: {np.median(latencies[1:]) * 1e3:.1f} ms")
+    timer.write()
     if args.save:
         np.savez(args.save, logits=np.concatenate(logits_per_frame))
 

@@ -11,11 +11,11 @@ here is 16x128x128 to keep a CPU server interactive. Offload it with:
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
+from frame_timer import FrameTimer
 from models import SceneCompletionNet, randomize_norms
 
 
@@ -38,27 +38,29 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", help="write logits and predicted classes to this .npz file")
+    p.add_argument("--timings", help="write each step's wall and CPU time to this JSON file")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = randomize_norms(SceneCompletionNet(args.classes), args.seed).eval().to(device)
     classes = torch.arange(args.classes, device=device)
-    saved = {}
+    saved, timer = {}, FrameTimer(args.timings)
     with torch.inference_mode():
         for i, grid in enumerate(lidar_grids(args.steps, *args.grid, args.seed)):
-            t0 = time.perf_counter()
+            timer.start()
             logits = model(grid.cuda(non_blocking=True))
             labels = logits.argmax(1)[0]  # (Z, Y, X)
             per_class = (labels.unsqueeze(-1) == classes).sum((0, 1, 2))
             occupied = torch.nonzero(labels >= args.classes // 2)  # obstacle classes: the planner avoids them
             counts = per_class.cpu().tolist()
-            dt = time.perf_counter() - t0
+            dt = timer.stop()
             print(f"step {i:3d}: {dt * 1e3:8.1f} ms   {occupied.shape[0]} obstacle voxels, "
                   f"largest class {int(np.argmax(counts))}")
             if args.save:
                 saved[f"logits{i}"] = logits.cpu().numpy()
                 saved[f"occupied{i}"] = occupied.cpu().numpy()
+    timer.write()
     if args.save:
         np.savez(args.save, **saved)
 

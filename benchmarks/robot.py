@@ -1,0 +1,77 @@
+"""Robot emulation: the robot process gets only a share of one CPU core (a cgroup CPU quota).
+
+On this kind of machine the server and the robot are the same CPU; a quota makes the
+robot's own compute Jetson-class slow relative to the server. cgroup v1 (``cpu`` controller:
+``cpu.cfs_quota_us``) and v2 (``cpu.max``) both work; the group is removed at the end.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup")
+PERIOD_US = 100_000
+
+
+class CpuLimit:
+    """``share`` of one core (0.5: half a core); None or 0: no limit."""
+
+    def __init__(self, share: float | None, name: str):
+        self.share = share or None
+        self.path: Path | None = None
+        self.how = "no limit"
+        if self.share is None:
+            return
+        quota = max(int(self.share * PERIOD_US), 1000)
+        if (CGROUP / "cpu" / "cpu.cfs_quota_us").exists():  # v1 (also a hybrid host's v1 cpu hierarchy)
+            self.path = CGROUP / "cpu" / name
+            self.path.mkdir(exist_ok=True)
+            (self.path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+            self.how = f"cgroup v1 cpu quota {quota}/{PERIOD_US} us"
+        elif "cpu" in _read(CGROUP / "cgroup.controllers").split():
+            if "cpu" not in _read(CGROUP / "cgroup.subtree_control").split():
+                (CGROUP / "cgroup.subtree_control").write_text("+cpu")
+            self.path = CGROUP / name
+            self.path.mkdir(exist_ok=True)
+            (self.path / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+            self.how = f"cgroup v2 cpu.max {quota} {PERIOD_US}"
+        else:
+            raise OSError("no cgroup cpu controller under /sys/fs/cgroup; run with --robot-cpu 0 (no limit)")
+
+    @property
+    def threads(self) -> int:
+        """Torch threads for the robot: as many as its share of cores, so they don't thrash the quota."""
+        return max(1, math.ceil(self.share)) if self.share else (os.cpu_count() or 1)
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """``cmd`` started inside the group (it moves itself in before exec, so all of it counts)."""
+        if self.path is None:
+            return cmd
+        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"), *cmd]
+
+    def describe(self) -> dict:
+        return {"cpu_share": self.share, "limit": self.how, "torch_threads": self.threads,
+                "cgroup": str(self.path) if self.path else None}
+
+    def close(self) -> None:
+        if self.path is None:
+            return
+        for _ in range(50):  # the group can go only once its processes have exited
+            try:
+                self.path.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
+        self.path = None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
