@@ -279,7 +279,8 @@ class Runtime:
         rep, step = self.replayer, None
         if rep is not None and rep.program is not None:
             step = rep.match(SYNC, (SYNC,), [])
-        self.streamer.request("sync")
+        if step is None or not rep.sync_folded():
+            self.streamer.request("sync")
         if rep is not None:
             if step is None:
                 rep.record(Event(SYNC, name_key(SYNC), (SYNC,)))

@@ -50,6 +50,7 @@ class Replayer:
         # After a divergence the replayed steps are logged too, so that the sequence the app
         # runs now (another scalar, another model) can be found while the old one still half-matches.
         self.unstable = False
+        self._folded: frozenset = frozenset()  # sync steps the program's next wait (a get) stands in for
 
     @property
     def replaying(self) -> bool:
@@ -102,6 +103,15 @@ class Replayer:
         if self.pos == len(prog.steps):
             self._end()
         return step
+
+    def sync_folded(self) -> bool:
+        """True if the sync just matched needs no message of its own.
+
+        A synchronize whose next wait in the program is a download (``x.cpu()``) is met by
+        that download's reply: the server runs a session's requests in order, so an error
+        or the work's end shows there. One round trip per inference instead of two.
+        """
+        return self._last in self._folded
 
     def shaped_outputs(self, handles: tuple) -> None:
         """The handles the server gave the data-dependent op just matched, for later steps' checks."""
@@ -175,6 +185,7 @@ class Replayer:
             self.refused.add(fp)
             return
         self.program = prog
+        self._folded = folded_syncs(prog)
         self.pos = 0
         self._run = None
         self.unstable = False
@@ -187,6 +198,18 @@ class Replayer:
         s.recorded_inferences += self.search.repeats
         if self.verbose:
             print(f"rrto: replaying a recorded sequence of {prog.describe()}", file=sys.stderr, flush=True)
+
+
+def folded_syncs(prog: Program) -> frozenset:
+    """Sync steps whose next waiting step, in the same iteration, is a get or a shaped op."""
+    folded, later = set(), None  # the kind of the next waiting step after position i
+    for i in range(len(prog.steps) - 1, -1, -1):
+        kind = prog.steps[i].kind
+        if kind == "sync" and later in ("get", "shaped"):
+            folded.add(i)
+        if kind in ("get", "shaped", "sync"):
+            later = kind
+    return frozenset(folded)
 
 
 def cpu_bytes(t, limit: int = 256) -> bytes | None:
