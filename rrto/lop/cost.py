@@ -1,0 +1,430 @@
+"""Cost model of a band plan: what one inference costs in time and robot energy.
+
+The planner (loss.py) and the layer-partition baselines (baselines.py) only see a
+``Profile``: per step of the recorded program, whether it is local (bandable), its
+output rows and bytes, its robot and server time for the whole step, and for local
+steps ``need(a, b)``: the chain-input rows that output rows [a, b) depend on (the
+LOP analysis supplies it; tests use synthetic conv chains). No torch, no server.
+
+Measurements come in online: ``LinkEstimator`` fits the robot's own transfers
+(bytes, seconds) to ``seconds = rtt + bytes / bandwidth``; ``StepTimes`` keeps
+per-step, per-band-height time tables by exponential averaging.
+
+Latency model of a BandPlan (``simulate``): the robot first puts the server bands'
+input slices (chain-input rows with halo) on the wire, then computes its own bands one
+by one, shipping each result as soon as it is computed; the link is one FIFO. The
+server computes a band as soon as its input has arrived (one band at a time), stitches
+the chain output at ``depth`` once every band is there, runs the remaining steps and the
+result is downloaded. Full offload, layer partition and local are special cases.
+
+Energy model of the robot: power states computing / transmitting / both / idle-waiting,
+integrated over the timeline.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+Need = Callable[[int, int], "tuple[int, int]"]
+
+
+def mbit(x: float) -> float:
+    """Megabit/s to bytes/s."""
+    return x * 1e6 / 8
+
+
+@dataclass
+class StepCost:
+    """One step of the program, as the cost model sees it.
+
+    ``robot_s`` / ``server_s`` are the times of the whole step (all ``rows``). A band of
+    h rows costs ``time * h / rows`` plus the profile's per-band overhead, unless a
+    measured table (band height -> seconds) exists for that side; then the table is
+    interpolated (per-row rate, linear in h) and wins.
+    """
+    name: str
+    local: bool
+    rows: int  # output rows along the banded axis (1 for a global step)
+    out_bytes: int  # bytes of the whole output
+    robot_s: float
+    server_s: float
+    need: Optional[Need] = None  # local steps: output rows [a, b) -> chain-input rows [lo, hi)
+    inputs: tuple[int, ...] = ()  # steps whose outputs this step reads; -1 is the program input; () = previous step
+    robot_table: dict[int, float] = field(default_factory=dict)
+    server_table: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class Profile:
+    """The planner's view of one recorded program.
+
+    ``steps[i]`` is program step i, so a BandPlan's ``depth`` indexes it directly. The
+    local chain is the leading run of local steps. ``depths`` optionally restricts the
+    cut points the executor supports (e.g. only where a single tensor is live); default
+    every depth 0..len(steps).
+    """
+    steps: list[StepCost]
+    in_bytes: int  # the program input (the chain input)
+    in_rows: int
+    result_bytes: int  # what the robot downloads at the end
+    robot_band_overhead_s: float = 30e-6  # per step per band when a step is banded
+    server_band_overhead_s: float = 10e-6
+    depths: Optional[Sequence[int]] = None
+    version: int = 0  # bumped whenever times change: plans cached by the planner go stale
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cache: dict = {}
+        self._reindex()
+
+    def _reindex(self) -> None:
+        n = len(self.steps)
+        self.chain = next((i for i, s in enumerate(self.steps) if not s.local or s.need is None), n)
+        producers: list[tuple[int, ...]] = []
+        for i, s in enumerate(self.steps):
+            producers.append(tuple(s.inputs) if s.inputs else (i - 1,))
+        last_use = {-1: -1}
+        for i, ins in enumerate(producers):
+            for p in ins:
+                last_use[p] = max(last_use.get(p, -1), i)
+        self.producers = producers
+        self._last_use = last_use
+
+    def touch(self) -> None:
+        """Call after changing step times or tables: drops cached band costs."""
+        with self._lock:
+            self.version += 1
+            self._cache = {k: v for k, v in self._cache.items() if k == "need"}  # geometry stays
+
+    # -- cut points ----------------------------------------------------------------
+    def cut_depths(self) -> list[int]:
+        n = len(self.steps)
+        ds = range(n + 1) if self.depths is None else self.depths
+        return sorted({d for d in ds if 0 <= d <= n} | {0, n})
+
+    def live_bytes(self, d: int) -> int:
+        """Bytes of every tensor made before step d and read at or after it (what a layer cut at d ships)."""
+        if d == 0:
+            return self.in_bytes
+        total = 0
+        for p in range(-1, d):
+            if self._last_use.get(p, -1) >= d:
+                total += self.in_bytes if p < 0 else self.steps[p].out_bytes
+        if total == 0:  # nothing downstream reads it (d == n): the output itself
+            total = self.steps[d - 1].out_bytes
+        return total
+
+    # -- band costs ------------------------------------------------------------------
+    def band_rows(self, d: int, a: int, b: int) -> list[tuple[int, int]]:
+        """Rows of each step j < d that output rows [a, b) of step d-1 need.
+
+        Step j row r is needed when its whole receptive field lies inside the chain-input
+        rows step d-1 needs: exact for chains of convs/pools (the halo shrinks by each
+        layer's reach), a close estimate for branchy chains.
+        """
+        x, y = self._band_rows(d, a, b)
+        return list(zip(x.tolist(), y.tolist()))
+
+    def _band_rows(self, d: int, a: int, b: int) -> "tuple[np.ndarray, np.ndarray]":
+        lo, hi = self.steps[d - 1].need(a, b)
+        los, his, rows = self._row_needs()
+        if lo <= 0 and hi >= self.in_rows:
+            x, y = np.zeros(d, dtype=np.int64), rows[:d].copy()
+        else:
+            x = (los[:d] < lo).sum(axis=1)  # first row whose field starts inside [lo, hi)
+            y = np.maximum(x, (his[:d] <= hi).sum(axis=1))  # first row whose field ends past hi
+        x[d - 1], y[d - 1] = a, b
+        return x, y
+
+    def _row_needs(self) -> "tuple[np.ndarray, np.ndarray, np.ndarray]":
+        """Chain-input rows [lo, hi) of every single output row of each chain step, padded
+        (lo with +inf, hi with -inf: padding never counts), and the chain steps' rows."""
+        hit = self._cache.get("need")
+        if hit is None:
+            chain = self.steps[:self.chain]
+            width = max((s.rows for s in chain), default=1)
+            los = np.full((len(chain), width), np.iinfo(np.int64).max, dtype=np.int64)
+            his = np.full((len(chain), width), np.iinfo(np.int64).max, dtype=np.int64)
+            for j, s in enumerate(chain):
+                pairs = np.array([s.need(r, r + 1) for r in range(s.rows)], dtype=np.int64).reshape(-1, 2)
+                los[j, :s.rows], his[j, :s.rows] = pairs[:, 0], pairs[:, 1]
+            hit = (los, his, np.array([s.rows for s in chain], dtype=np.int64))
+            self._cache["need"] = hit
+        return hit
+
+    def step_time(self, j: int, h: int, robot: bool) -> float:
+        s = self.steps[j]
+        if h <= 0:
+            return 0.0
+        table = s.robot_table if robot else s.server_table
+        if table:
+            hs = sorted(table)
+            rates = [table[k] / k for k in hs]
+            return float(np.interp(h, hs, rates)) * h
+        full = s.robot_s if robot else s.server_s
+        t = full * h / max(s.rows, 1)
+        if h < s.rows:
+            t += self.robot_band_overhead_s if robot else self.server_band_overhead_s
+        return t
+
+    def band_time(self, d: int, a: int, b: int, robot: bool) -> float:
+        """Time to compute steps [0, d) for output rows [a, b) of step d-1 (with halo)."""
+        key = ("t", d, a, b, robot)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        if a == 0 and b >= self.steps[d - 1].rows:
+            t = self.prefix_time(d, robot)
+        else:
+            x, y = self._band_rows(d, a, b)
+            h = y - x
+            if any(s.robot_table if robot else s.server_table for s in self.steps[:d]):
+                t = sum(self.step_time(j, int(hj), robot) for j, hj in enumerate(h))
+            else:
+                full, rows = self._linear(robot)
+                over = self.robot_band_overhead_s if robot else self.server_band_overhead_s
+                t = float(np.sum(full[:d] * h / rows[:d] + over * ((h > 0) & (h < rows[:d]))))
+        self._cache[key] = t
+        return t
+
+    def _linear(self, robot: bool) -> "tuple[np.ndarray, np.ndarray]":
+        key = ("lin", robot)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = (np.array([s.robot_s if robot else s.server_s for s in self.steps]),
+                   np.array([max(s.rows, 1) for s in self.steps], dtype=np.float64))
+            self._cache[key] = hit
+        return hit
+
+    def prefix_time(self, d: int, robot: bool) -> float:
+        return float(self._cumulative(robot)[d])
+
+    def suffix_time(self, d: int, robot: bool) -> float:
+        c = self._cumulative(robot)
+        return float(c[-1] - c[d])
+
+    def _cumulative(self, robot: bool) -> np.ndarray:
+        key = ("cum", robot)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = np.concatenate([[0.0], np.cumsum([self.step_time(j, s.rows, robot) for j, s in enumerate(self.steps)])])
+            self._cache[key] = hit
+        return hit
+
+    def band_in_bytes(self, d: int, a: int, b: int) -> int:
+        lo, hi = self.steps[d - 1].need(a, b)
+        return int(math.ceil(self.in_bytes * (hi - lo) / self.in_rows))
+
+    def band_out_bytes(self, d: int, a: int, b: int) -> int:
+        return int(math.ceil(self.live_bytes(d) * (b - a) / max(self.steps[d - 1].rows, 1)))
+
+
+# -- link -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth: float  # bytes/s, each direction
+    rtt: float = 2e-3  # seconds; a message arrives rtt/2 after its last byte left
+
+
+class LinkEstimator:
+    """Bandwidth and round-trip time from the robot's own transfers.
+
+    ``add(bytes, seconds)``: one request of that many bytes (up + down) took that long,
+    end to end. A robust line ``seconds = rtt + bytes / bandwidth`` (Theil–Sen: the
+    median of pairwise slopes, then the median intercept) over a sliding window; a
+    window whose sizes barely differ cannot separate the two, so then the rtt is kept
+    (from small messages or the prior) and only the bandwidth is re-fitted.
+    """
+
+    def __init__(self, window: int = 32, rtt_prior: float = 2e-3, bandwidth_prior: Optional[float] = None) -> None:
+        self.samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self.rtt = rtt_prior
+        self.bandwidth = bandwidth_prior
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: float, seconds: float) -> None:
+        if seconds <= 0 or nbytes < 0:
+            return
+        with self._lock:
+            self.samples.append((float(nbytes), float(seconds)))
+            self._fit()
+
+    @property
+    def ready(self) -> bool:
+        return self.bandwidth is not None
+
+    def link(self) -> Optional[Link]:
+        return None if self.bandwidth is None else Link(self.bandwidth, self.rtt)
+
+    def _fit(self) -> None:
+        x = np.array([s[0] for s in self.samples])
+        y = np.array([s[1] for s in self.samples])
+        if len(x) >= 3 and x.max() > 1.5 * max(x.min(), 1.0):
+            i, j = np.triu_indices(len(x), 1)
+            dx = x[j] - x[i]
+            ok = dx > 0.05 * x.max()
+            if ok.sum() >= 2:
+                slope = float(np.median((y[j] - y[i])[ok] / dx[ok]))
+                if slope > 0:
+                    self.rtt = max(0.0, float(np.median(y - slope * x)))
+                    self.bandwidth = 1.0 / slope
+                    return
+        # sizes too alike: keep the rtt, fit the bandwidth
+        small = x < 4096
+        if small.any():
+            self.rtt = float(np.median(y[small]))
+        big = (x >= 4096) & (y > self.rtt)
+        if big.any():
+            self.bandwidth = float(np.median(x[big] / (y[big] - self.rtt)))
+
+
+class StepTimes:
+    """Online per-step time tables (robot and server, per band height), exponentially averaged.
+
+    ``observe(j, rows, seconds, robot=True)`` after each measured band or step; the
+    tables live in the profile's StepCost objects, which the cost model reads.
+    """
+
+    def __init__(self, profile: Profile, alpha: float = 0.3) -> None:
+        self.profile = profile
+        self.alpha = alpha
+
+    def observe(self, j: int, rows: int, seconds: float, robot: bool = True) -> None:
+        s = self.profile.steps[j]
+        table = s.robot_table if robot else s.server_table
+        old = table.get(rows)
+        table[rows] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        if rows >= s.rows:  # a whole-step measurement also updates the linear model
+            if robot:
+                s.robot_s = table[rows]
+            else:
+                s.server_s = table[rows]
+        self.profile.touch()
+
+
+# -- energy ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Power:
+    """Robot power (watts) per state. Defaults: the Intra-DP testbed's Jetson Xavier NX.
+
+    The three measured figures are whole-board powers, each including the standby floor.
+    Computing while transmitting is not reported; we take the compute power plus the
+    radio's increment over standby: 13.35 + (4.25 - 4.04) = 13.56 W.
+    """
+    compute: float = 13.35
+    transmit: float = 4.25
+    idle: float = 4.04
+    both: Optional[float] = None
+
+    @property
+    def compute_and_transmit(self) -> float:
+        return self.both if self.both is not None else self.compute + (self.transmit - self.idle)
+
+
+def _measure(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(i for i in intervals if i[1] > i[0]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _overlap(u: list[tuple[float, float]], v: list[tuple[float, float]]) -> float:
+    total, i, j = 0.0, 0, 0
+    while i < len(u) and j < len(v):
+        a, b = max(u[i][0], v[j][0]), min(u[i][1], v[j][1])
+        if b > a:
+            total += b - a
+        if u[i][1] < v[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def energy(latency: float, compute: list[tuple[float, float]], transmit: list[tuple[float, float]],
+           power: Power = Power()) -> float:
+    """Joules the robot spends over [0, latency] given its busy intervals."""
+    c, t = _measure(compute), _measure(transmit)
+    tc, tt = sum(b - a for a, b in c), sum(b - a for a, b in t)
+    both = _overlap(c, t)
+    idle = max(0.0, latency - tc - tt + both)
+    return ((tc - both) * power.compute + (tt - both) * power.transmit
+            + both * power.compute_and_transmit + idle * power.idle)
+
+
+# -- the timeline of one inference ----------------------------------------------------
+
+@dataclass
+class Estimate:
+    latency: float
+    energy: float
+    robot_busy: float  # seconds the robot computes
+    link_busy: float  # seconds the robot's radio carries data
+
+
+def simulate(profile: Profile, plan, link: Link, power: Power = Power()) -> Estimate:
+    """Model one inference under ``plan`` (a BandPlan) on ``link``."""
+    n = len(profile.steps)
+    bw, half = max(link.bandwidth, 1e-9), link.rtt / 2
+    d = plan.depth
+    bands = plan.bands()
+    compute: list[tuple[float, float]] = []
+    tx: list[tuple[float, float]] = []
+
+    if d == 0 or not bands:  # full offload
+        up = profile.in_bytes / bw
+        tx.append((0.0, up))
+        t = up + half + profile.prefix_time(n, robot=False)
+        end = t + half + profile.result_bytes / bw
+        tx.append((t + half, end))
+        return Estimate(end, energy(end, [], tx, power), 0.0, up + profile.result_bytes / bw)
+
+    if d == n and all(r for _, _, r in bands):  # local
+        t = profile.prefix_time(n, robot=True)
+        if len(bands) > 1 or bands[0][1] - bands[0][0] < profile.steps[n - 1].rows:
+            t = sum(profile.band_time(d, a, b, True) for a, b, _ in bands)
+        return Estimate(t, energy(t, [(0.0, t)], [], power), t, 0.0)
+
+    banded = d <= profile.chain
+    if not banded:  # a layer partition past the chain: the robot runs steps [0, d) whole, ships the live tensors
+        bands = [(0, profile.steps[d - 1].rows, True)]
+
+    link_free = 0.0
+    arrivals: list[tuple[float, float]] = []  # (arrival at the server, server work then)
+    for a, b, r in bands:
+        if not r:
+            nb = profile.band_in_bytes(d, a, b)
+            start, link_free = link_free, link_free + nb / bw
+            tx.append((start, link_free))
+            arrivals.append((link_free + half, profile.band_time(d, a, b, robot=False)))
+    robot_free = 0.0
+    for a, b, r in bands:
+        if r:
+            ct = profile.band_time(d, a, b, robot=True) if banded else profile.prefix_time(d, robot=True)
+            compute.append((robot_free, robot_free + ct))
+            robot_free += ct
+            nb = profile.band_out_bytes(d, a, b) if banded else profile.live_bytes(d)
+            start = max(robot_free, link_free)
+            link_free = start + nb / bw
+            tx.append((start, link_free))
+            arrivals.append((link_free + half, 0.0))
+    server_free = 0.0
+    for arr, work in sorted(arrivals):
+        server_free = max(server_free, arr) + work
+    t = server_free + profile.suffix_time(d, robot=False)
+    down_start = max(t + half, link_free)
+    end = down_start + profile.result_bytes / bw
+    tx.append((down_start, end))
+    busy_c = sum(b - a for a, b in compute)
+    busy_t = sum(b - a for a, b in tx)
+    return Estimate(end, energy(end, compute, tx, power), busy_c, busy_t)
