@@ -153,8 +153,8 @@ def test_plan_is_never_worse_than_any_baseline():
             assert c.latency <= best + 1e-12, (name, mb)
             ratios[name, mb] = c.latency / best
     # where the robot is fast enough to matter, overlapping bands beat every layer cut
-    assert ratios["resnet-jetson", 73] < 0.9
-    assert ratios["resnet-jetson", 93] < 0.95
+    assert ratios["resnet-jetson", 73] < 0.88
+    assert ratios["resnet-jetson", 93] < 0.92
 
 
 def test_search_is_close_to_exhaustive_on_a_small_space():
@@ -206,32 +206,33 @@ def test_min_cut_matches_the_best_prefix_cut_on_a_chain():
 
 
 def test_min_cut_on_a_branching_graph_pays_a_shared_tensor_once():
-    # input -> a (big output) -> b, c (both read a, tiny outputs) -> add: cutting after a ships a once
+    # input (48 KiB) -> a (32 KiB) -> b, c (both read a; heavy, big outputs) -> add -> pool -> fc.
+    # Shipping a once beats shipping the input; shipping it per reader (64 KiB) would not.
     net = Net(64, 64, 3, Speed(robot_flops=1e9, server_flops=1e12))
-    a = net.conv(-1, 4, 3, 1, 1)
-    b = net.conv(a, 1, 3, 4, 1)
-    c = net.conv(a, 1, 3, 4, 1)
-    net.add(b, c)
+    a = net.conv(-1, 2, 3, 1, 1)
+    net.dense(net.global_pool(net.add(net.conv(a, 32, 5, 1, 2), net.conv(a, 32, 5, 1, 2))), 10)
     p = net.profile()
-    link = Link(mbit(10), 0.0)
-    robot = baselines.min_cut(p, link)
-    # the robot runs a (it shrinks nothing) only if that pays; check against brute force over closed sets
     n = len(p.steps)
-    best = math.inf
-    for mask in itertools.product([0, 1], repeat=n):
-        r = {j for j in range(n) if mask[j]}
-        if any(q in r and not all(i in r for i in p.producers[q] if i >= 0) for q in r):
-            continue
-        cost = sum(p.steps[j].robot_s if j in r else p.steps[j].server_s for j in range(n))
-        if any(j not in r for j in range(n)) and any(i < 0 for j in range(n) if j not in r for i in p.producers[j]):
-            cost += p.in_bytes / link.bandwidth
-        cost += sum(p.steps[j].out_bytes / link.bandwidth for j in r
-                    if any(j in p.producers[k] and k not in r for k in range(n)))
-        if n - 1 not in r:
-            cost += p.result_bytes / link.bandwidth
-        if cost < best:
-            best, best_r = cost, r
-    assert robot == best_r
+    for mb in (1, 10, 100, 1000):
+        link = Link(mbit(mb), 0.0)
+        best, best_r = math.inf, None
+        for mask in itertools.product([0, 1], repeat=n):  # every predecessor-closed robot set
+            r = {j for j in range(n) if mask[j]}
+            if any(not all(i in r for i in p.producers[q] if i >= 0) for q in r):
+                continue
+            server = [j for j in range(n) if j not in r]
+            cost = sum(p.steps[j].robot_s for j in r) + sum(p.steps[j].server_s for j in server)
+            if any(i < 0 for j in server for i in p.producers[j]):
+                cost += p.in_bytes / link.bandwidth
+            cost += sum(p.steps[j].out_bytes for j in r if any(j in p.producers[k] for k in server)) / link.bandwidth
+            if n - 1 in server:
+                cost += p.result_bytes / link.bandwidth
+            if cost < best - 1e-12:
+                best, best_r = cost, r
+        assert baselines.min_cut(p, link) == best_r, mb
+        if mb == 10:
+            assert best_r == {0}
+            assert baselines.neurosurgeon(p, link)[0] == baselines.layer(p, 1)
 
 
 # -- background planner -----------------------------------------------------------------
@@ -260,5 +261,23 @@ def test_background_planner_answers_at_once_and_caches_per_bin():
         assert stand_in.plan == searched.plan and not stand_in.searched
         moved = planner.wait(mbit(20))
         assert planner.plan() == moved and moved.bandwidth != searched.bandwidth
+    finally:
+        planner.close()
+
+
+def test_planner_replans_when_step_times_change():
+    p = resnet18_like(speed=JETSON)
+    planner = Planner(p, replan_s=0.0)
+    link = Link(mbit(73), 3e-3)
+    try:
+        planner.plan(link)
+        before = planner.wait(link.bandwidth)
+        assert before.plan.depth > 0  # the robot takes part (see the baseline test)
+        times = StepTimes(p, alpha=1.0)
+        for j, s in enumerate(p.steps):  # the robot turns out 100x slower than profiled
+            times.observe(j, s.rows, s.robot_s * 100, robot=True)
+        assert planner.plan(link) == before  # the stale plan answers while the new one is searched
+        after = planner.wait(link.bandwidth)
+        assert after.plan == BandPlan.offload()
     finally:
         planner.close()
