@@ -281,3 +281,22 @@ def test_planner_replans_when_step_times_change():
         assert after.plan == BandPlan.offload()
     finally:
         planner.close()
+
+
+def test_band_costs_with_measured_tables_match_the_per_step_sum():
+    p = resnet18_like(speed=JETSON)
+    times = StepTimes(p, alpha=1.0)
+    for j, s in enumerate(p.steps[:30]):  # some steps measured per band height, the rest linear
+        for h in sorted({s.rows, max(1, s.rows // 4)}):
+            times.observe(j, h, s.robot_s * h / s.rows * 1.5 + 1e-4, robot=True)
+    for d in (5, 27, 42):
+        rows = p.steps[d - 1].rows
+        assert p.need(d, 0, rows) == p.steps[d - 1].need(0, rows)
+        for a, b in ((0, 1), (rows // 3, rows // 2 + 1), (rows - 2, rows)):
+            assert p.need(d, a, b) == p.steps[d - 1].need(a, b)
+            for robot in (True, False):
+                per_step = sum(p.step_time(j, y - x, robot) for j, (x, y) in enumerate(p.band_rows(d, a, b)))
+                assert p.band_time(d, a, b, robot) == pytest.approx(per_step, rel=1e-12)
+    link = Link(mbit(73), 3e-3)
+    c = plan(p, link)
+    assert c.latency <= min(simulate(p, b, link).latency for b in baseline_plans(p, link))

@@ -94,6 +94,7 @@ class Profile:
                 last_use[p] = max(last_use.get(p, -1), i)
         self.producers = producers
         self._last_use = last_use
+        self._live = [self._live_bytes(d) for d in range(n + 1)]
 
     def touch(self) -> None:
         """Call after changing step times or tables: drops cached band costs."""
@@ -109,6 +110,9 @@ class Profile:
 
     def live_bytes(self, d: int) -> int:
         """Bytes of every tensor made before step d and read at or after it (what a layer cut at d ships)."""
+        return self._live[d]
+
+    def _live_bytes(self, d: int) -> int:
         if d == 0:
             return self.in_bytes
         total = 0
@@ -130,9 +134,15 @@ class Profile:
         x, y = self._band_rows(d, a, b)
         return list(zip(x.tolist(), y.tolist()))
 
+    def need(self, d: int, a: int, b: int) -> tuple[int, int]:
+        """Chain-input rows that rows [a, b) of step d-1 need: the first row's start to the last
+        row's end (receptive fields move monotonically with the row), from the precomputed table."""
+        los, his, _ = self._row_needs()
+        return int(los[d - 1, a]), int(his[d - 1, b - 1])
+
     def _band_rows(self, d: int, a: int, b: int) -> "tuple[np.ndarray, np.ndarray]":
-        lo, hi = self.steps[d - 1].need(a, b)
         los, his, rows = self._row_needs()
+        lo, hi = int(los[d - 1, a]), int(his[d - 1, b - 1])
         if lo <= 0 and hi >= self.in_rows:
             x, y = np.zeros(d, dtype=np.int64), rows[:d].copy()
         else:
@@ -161,10 +171,10 @@ class Profile:
         s = self.steps[j]
         if h <= 0:
             return 0.0
-        table = s.robot_table if robot else s.server_table
+        table = sorted((s.robot_table if robot else s.server_table).items())
         if table:
-            hs = sorted(table)
-            rates = [table[k] / k for k in hs]
+            hs = [k for k, _ in table]
+            rates = [v / k for k, v in table]
             return float(np.interp(h, hs, rates)) * h
         full = s.robot_s if robot else s.server_s
         t = full * h / max(s.rows, 1)
@@ -182,22 +192,27 @@ class Profile:
             t = self.prefix_time(d, robot)
         else:
             x, y = self._band_rows(d, a, b)
-            h = y - x
-            if any(s.robot_table if robot else s.server_table for s in self.steps[:d]):
-                t = sum(self.step_time(j, int(hj), robot) for j, hj in enumerate(h))
-            else:
-                full, rows = self._linear(robot)
-                over = self.robot_band_overhead_s if robot else self.server_band_overhead_s
-                t = float(np.sum(full[:d] * h / rows[:d] + over * ((h > 0) & (h < rows[:d]))))
+            t = float(self._heights(robot)[np.arange(d), y - x].sum())
         self._cache[key] = t
         return t
 
-    def _linear(self, robot: bool) -> "tuple[np.ndarray, np.ndarray]":
-        key = ("lin", robot)
+    def _heights(self, robot: bool) -> np.ndarray:
+        """times[j, h]: step j of the chain computed for a band of h rows."""
+        key = ("h", robot)
         hit = self._cache.get(key)
         if hit is None:
-            hit = (np.array([s.robot_s if robot else s.server_s for s in self.steps]),
-                   np.array([max(s.rows, 1) for s in self.steps], dtype=np.float64))
+            chain = self.steps[:self.chain]
+            hit = np.zeros((len(chain), max((s.rows for s in chain), default=0) + 1))
+            for j, s in enumerate(chain):
+                table = sorted((s.robot_table if robot else s.server_table).items())
+                h = np.arange(1, s.rows + 1)
+                if table:
+                    rate = np.interp(h, [k for k, _ in table], [v / k for k, v in table])
+                    hit[j, 1:s.rows + 1] = rate * h
+                else:
+                    over = self.robot_band_overhead_s if robot else self.server_band_overhead_s
+                    hit[j, 1:s.rows + 1] = (s.robot_s if robot else s.server_s) * h / max(s.rows, 1) + over
+                    hit[j, s.rows] -= over
             self._cache[key] = hit
         return hit
 
@@ -217,7 +232,7 @@ class Profile:
         return hit
 
     def band_in_bytes(self, d: int, a: int, b: int) -> int:
-        lo, hi = self.steps[d - 1].need(a, b)
+        lo, hi = self.need(d, a, b)
         return int(math.ceil(self.in_bytes * (hi - lo) / self.in_rows))
 
     def band_out_bytes(self, d: int, a: int, b: int) -> int:
