@@ -300,3 +300,12 @@ def test_band_costs_with_measured_tables_match_the_per_step_sum():
     link = Link(mbit(73), 3e-3)
     c = plan(p, link)
     assert c.latency <= min(simulate(p, b, link).latency for b in baseline_plans(p, link))
+
+
+def test_planner_without_a_thread_searches_in_the_call():
+    p = conv_chain(speed=JETSON)
+    planner = Planner(p, background=False)
+    link = Link(mbit(93), 3e-3)
+    c = planner.plan(link)
+    assert c.searched and c == planner.plan(link)
+    assert c.latency == pytest.approx(simulate(p, c.plan, Link(planner.bin_bandwidth(planner.bin(link.bandwidth)), link.rtt)).latency)
