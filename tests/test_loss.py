@@ -309,3 +309,21 @@ def test_planner_without_a_thread_searches_in_the_call():
     c = planner.plan(link)
     assert c.searched and c == planner.plan(link)
     assert c.latency == pytest.approx(simulate(p, c.plan, Link(planner.bin_bandwidth(planner.bin(link.bandwidth)), link.rtt)).latency)
+
+
+def test_profile_from_the_analysis_records():
+    from types import SimpleNamespace
+
+    chain = conv_chain(((3, 2, 1, 8), (3, 1, 1, 8)), rows=64, cols=64, speed=JETSON)
+    infos = [SimpleNamespace(name=s.name, rows=s.rows, bytes=s.out_bytes, need=s.need) for s in chain.steps[:chain.chain]]
+    tail = chain.steps[chain.chain:]
+    p = type(chain).from_chain(infos, tail, chain.in_bytes, chain.result_bytes, depths=[0, 2, 4, 5, 6],
+                               robot_s=[s.robot_s for s in chain.steps[:chain.chain]],
+                               server_s=[s.server_s for s in chain.steps[:chain.chain]], in_rows=chain.in_rows)
+    assert p.chain == chain.chain and p.cut_depths() == [0, 2, 4, 5, 6]
+    link = Link(mbit(73), 3e-3)
+    for d in (2, 4):
+        for plan_ in (BandPlan.even(d, p.steps[d - 1].rows, (False, True)), baselines.layer(p, d)):
+            assert simulate(p, plan_, link) == simulate(chain, plan_, link)
+    c = plan(p, link)
+    assert c.plan.depth in p.cut_depths()

@@ -57,6 +57,7 @@ class StepCost:
     inputs: tuple[int, ...] = ()  # steps whose outputs this step reads; -1 is the program input; () = previous step
     robot_table: dict[int, float] = field(default_factory=dict)
     server_table: dict[int, float] = field(default_factory=dict)
+    cut_bytes: Optional[int] = None  # bytes live right after this step, when the analysis knows (overrides inputs)
 
 
 @dataclass
@@ -96,6 +97,21 @@ class Profile:
         self._last_use = last_use
         self._live = [self._live_bytes(d) for d in range(n + 1)]
 
+    @staticmethod
+    def from_chain(infos: Sequence, tail: Sequence[StepCost], in_bytes: int, result_bytes: int,
+                   depths: Optional[Sequence[int]] = None, robot_s: Optional[Sequence[float]] = None,
+                   server_s: Optional[Sequence[float]] = None, in_rows: Optional[int] = None) -> "Profile":
+        """A profile from the LOP analysis' per-step records of the local chain (objects with
+        ``name, rows, bytes, need(a, b)``; ``bytes`` = everything live at the cut after the
+        step) followed by ``tail``, the program's remaining steps. ``in_rows`` defaults to
+        the first record's rows (the analysis' step 0 is the input upload). Times default
+        to 0 until ``StepTimes`` has measured them."""
+        steps = [StepCost(i.name, True, i.rows, i.bytes, robot_s[k] if robot_s else 0.0,
+                          server_s[k] if server_s else 0.0, need=i.need, cut_bytes=i.bytes)
+                 for k, i in enumerate(infos)]
+        rows = in_rows if in_rows is not None else (infos[0].rows if infos else 1)
+        return Profile(steps + list(tail), in_bytes, rows, result_bytes, depths=depths)
+
     def touch(self) -> None:
         """Call after changing step times or tables: drops cached band costs."""
         with self._lock:
@@ -115,6 +131,8 @@ class Profile:
     def _live_bytes(self, d: int) -> int:
         if d == 0:
             return self.in_bytes
+        if self.steps[d - 1].cut_bytes is not None:
+            return self.steps[d - 1].cut_bytes
         total = 0
         for p in range(-1, d):
             if self._last_use.get(p, -1) >= d:
