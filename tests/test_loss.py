@@ -327,3 +327,13 @@ def test_profile_from_the_analysis_records():
             assert simulate(p, plan_, link) == simulate(chain, plan_, link)
     c = plan(p, link)
     assert c.plan.depth in p.cut_depths()
+
+
+def test_an_impossible_deadline_gives_the_fastest_plan():
+    p = resnet18_like(speed=JETSON)
+    link = Link(mbit(73), 3e-3)
+    fastest = plan(p, link)
+    c = plan(p, link, objective="energy", deadline=fastest.latency / 2)
+    assert c.latency <= fastest.latency * 1.02  # as close to the deadline as the model allows
+    with pytest.raises(ValueError, match="objective"):
+        plan(p, link, objective="power")
