@@ -56,7 +56,6 @@ class _Space:
         self.profile, self.link, self.power = profile, link, power
         self.objective, self.deadline = objective, deadline
         self.depths = profile.cut_depths()
-        self.n = len(profile.steps)
         self.scores: dict[BandPlan, Estimate] = {}
 
     def bounds(self) -> list[tuple[float, float]]:
