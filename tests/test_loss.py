@@ -337,3 +337,19 @@ def test_an_impossible_deadline_gives_the_fastest_plan():
     assert c.latency <= fastest.latency * 1.02  # as close to the deadline as the model allows
     with pytest.raises(ValueError, match="objective"):
         plan(p, link, objective="power")
+
+
+def test_band_and_span_timings_calibrate_the_model():
+    p = resnet18_like(speed=JETSON)
+    times = StepTimes(p, alpha=0.5)
+    d, a, b = 27, 10, 28
+    model = p.band_time(d, a, b, robot=True)
+    for _ in range(12):  # the robot is twice as slow as profiled
+        times.observe_band(d, a, b, 2 * model)
+    assert p.band_time(d, a, b, robot=True) == pytest.approx(2 * model, rel=1e-3)
+    rest = p.suffix_time(d, robot=False)
+    tail = [(j, p.steps[j].rows) for j in range(d, len(p.steps))]
+    times.observe_steps(tail, 3 * rest, robot=False)  # the first sample sets the table
+    assert p.suffix_time(d, robot=False) == pytest.approx(3 * rest)
+    times.observe_steps(tail, rest, robot=False)  # then exponential averaging, alpha 0.5
+    assert p.suffix_time(d, robot=False) == pytest.approx(2 * rest)

@@ -320,8 +320,12 @@ class LinkEstimator:
 class StepTimes:
     """Online per-step time tables (robot and server, per band height), exponentially averaged.
 
-    ``observe(j, rows, seconds, robot=True)`` after each measured band or step; the
-    tables live in the profile's StepCost objects, which the cost model reads.
+    The tables live in the profile's StepCost objects, which the cost model reads:
+      ``observe(j, rows, seconds)``       one step timed on its own
+      ``observe_band(d, a, b, seconds)``  a robot band (steps [0, d) for rows [a, b)) timed whole
+      ``observe_steps([(j, rows), ...], seconds, robot=False)``  e.g. the server's time for
+                                          the steps after the cut, as it reports it
+    A time for several steps is shared out in proportion to their modelled times.
     """
 
     def __init__(self, profile: Profile, alpha: float = 0.3) -> None:
@@ -329,6 +333,23 @@ class StepTimes:
         self.alpha = alpha
 
     def observe(self, j: int, rows: int, seconds: float, robot: bool = True) -> None:
+        self._update(j, rows, seconds, robot)
+        self.profile.touch()
+
+    def observe_band(self, d: int, a: int, b: int, seconds: float, robot: bool = True) -> None:
+        p = self.profile
+        rows = p.band_rows(d, a, b) if d <= p.chain else [(0, s.rows) for s in p.steps[:d]]
+        self.observe_steps([(j, y - x) for j, (x, y) in enumerate(rows)], seconds, robot)
+
+    def observe_steps(self, spans: Sequence[tuple[int, int]], seconds: float, robot: bool = True) -> None:
+        spans = [(j, h) for j, h in spans if h > 0]
+        model = [self.profile.step_time(j, h, robot) for j, h in spans]
+        total = sum(model)
+        for (j, h), m in zip(spans, model):
+            self._update(j, h, seconds * (m / total if total > 0 else 1 / len(spans)), robot)
+        self.profile.touch()
+
+    def _update(self, j: int, rows: int, seconds: float, robot: bool) -> None:
         s = self.profile.steps[j]
         table = s.robot_table if robot else s.server_table
         old = table.get(rows)
@@ -338,7 +359,6 @@ class StepTimes:
                 s.robot_s = table[rows]
             else:
                 s.server_s = table[rows]
-        self.profile.touch()
 
 
 # -- energy ---------------------------------------------------------------------------
