@@ -431,6 +431,11 @@ def simulate(profile: Profile, plan, link: Link, power: Power = Power()) -> Esti
     bw, half = max(link.bandwidth, 1e-9), link.rtt / 2
     d = plan.depth
     bands = plan.bands()
+    if not 0 <= d <= n:
+        raise ValueError(f"band plan depth {d} is outside the program's {n} steps")
+    if 0 < d <= profile.chain and plan.cuts[-1] != profile.steps[d - 1].rows and bands:
+        raise ValueError(f"band plan cuts {plan.cuts} do not cover the {profile.steps[d - 1].rows} rows "
+                         f"of step {d - 1} ({profile.steps[d - 1].name})")
     compute: list[tuple[float, float]] = []
     tx: list[tuple[float, float]] = []
 

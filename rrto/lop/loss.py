@@ -259,34 +259,39 @@ class Planner:
                 logging.getLogger("rrto.lop").exception("LOSS search failed")
 
 
+def compare(profile: Profile, link: Link, power: Power = Power(), deadline: Optional[float] = None,
+            seed: int = 0) -> dict[str, tuple[BandPlan, Estimate]]:
+    """Every strategy's plan and modelled cost on one link, side by side (the benchmark's rows).
+    ``deadline`` (default 1.25 x the best of local / offload / layer) bounds the energy plans."""
+    rows = {"local": baselines.local(profile), "offload": baselines.offload(),
+            "layer": baselines.neurosurgeon(profile, link, power)[0]}
+    if deadline is None:
+        deadline = 1.25 * min(simulate(profile, p, link, power).latency for p in rows.values())
+    rows["layer-energy"] = baselines.spso_ga(profile, link, deadline, power)[0]
+    rows["lop"] = plan(profile, link, power, seed=seed).plan
+    rows["lop-energy"] = plan(profile, link, power, "energy", deadline, seed=seed).plan
+    return {k: (p, simulate(profile, p, link, power)) for k, p in rows.items()}
+
+
 def _demo() -> None:
     """Plans and modelled costs for a synthetic ResNet-18-like profile at 73 and 93 Mbit/s."""
     from .synthetic import Speed, resnet18_like
 
-    power = Power()
     for name, speed in (("slow robot, 4 GFLOP/s", Speed()), ("Jetson-like robot, 40 GFLOP/s", Speed(robot_flops=40e9))):
         profile = resnet18_like(speed=speed)
         print(f"ResNet-18-like synthetic profile ({len(profile.steps)} steps, chain {profile.chain}), {name}")
         for mb in (73, 93):
             link = Link(mbit(mb), 3e-3)
-            rows = {"local": baselines.local(profile), "full offload": baselines.offload(),
-                    "layer (Neurosurgeon/DSCCS)": baselines.neurosurgeon(profile, link, power)[0]}
-            best = min(simulate(profile, p, link, power).latency for p in rows.values())
-            deadline = 1.25 * best
-            rows[f"layer energy (SPSO-GA, <= {deadline * 1e3:.0f} ms)"] = baselines.spso_ga(profile, link, deadline, power)[0]
             t0 = time.perf_counter()
-            fast = plan(profile, link, power)
-            t1 = time.perf_counter()
-            frugal = plan(profile, link, power, "energy", deadline)
-            t2 = time.perf_counter()
-            rows["lop (LOSS, latency)"] = fast.plan
-            rows[f"lop (LOSS, energy <= {deadline * 1e3:.0f} ms)"] = frugal.plan
-            print(f"  {mb} Mbit/s, rtt 3 ms: LOSS search {(t1 - t0) * 1e3:.0f} ms (latency), {(t2 - t1) * 1e3:.0f} ms (energy);"
-                  f" lop / best baseline latency = {fast.latency / best:.2f}")
-            for k, p in rows.items():
-                e = simulate(profile, p, link, power)
+            plan(profile, link)
+            dt = time.perf_counter() - t0
+            rows = compare(profile, link)
+            best = min(rows[k][1].latency for k in ("local", "offload", "layer"))
+            print(f"  {mb} Mbit/s, rtt 3 ms: one LOSS search {dt * 1e3:.0f} ms;"
+                  f" lop / best other latency = {rows['lop'][1].latency / best:.2f}; energy plans: latency <= {1.25 * best * 1e3:.0f} ms")
+            for k, (p, e) in rows.items():
                 bands = ", ".join(f"{a}-{b}{'R' if r else 'S'}" for a, b, r in p.bands()) if 0 < p.depth else "-"
-                print(f"    {k:36s} {e.latency * 1e3:7.1f} ms {e.energy:7.3f} J   depth {p.depth:2d}  bands {bands}")
+                print(f"    {k:13s} {e.latency * 1e3:7.1f} ms {e.energy:7.3f} J   depth {p.depth:2d}  bands {bands}")
         print()
 
 
