@@ -170,8 +170,8 @@ class Profile:
         return x, y
 
     def _row_needs(self) -> "tuple[np.ndarray, np.ndarray, np.ndarray]":
-        """Chain-input rows [lo, hi) of every single output row of each chain step, padded
-        (lo with +inf, hi with -inf: padding never counts), and the chain steps' rows."""
+        """Chain-input rows [lo, hi) of every single output row of each chain step (padded
+        with int64 max, which neither count in ``_band_rows`` sees), and the steps' rows."""
         hit = self._cache.get("need")
         if hit is None:
             chain = self.steps[:self.chain]
