@@ -31,7 +31,7 @@ def record(server_url: str, make, shape, frames: int = 4):
     rrto.enable(server=server_url, mode="replay", timeout=30)
     try:
         rnet = net.to("cuda")
-        params = {t._h: c.detach() for t, c in zip(rnet.state_dict().values(), cpu.state_dict().values())}
+        params = {t._h: c.detach() for t, c in zip(rnet.state_dict(keep_vars=True).values(), cpu.state_dict().values())}
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():
             for _ in range(frames):

@@ -50,6 +50,7 @@ class Node:
     k: dict = field(default_factory=dict)
     ins: tuple = ()  # banded values read, with the argument path where each sits
     out: int | None = None  # the banded value made
+    off: int | None = None  # the handle offset that holds it
     window: Any = IDENTITY
 
 
@@ -98,6 +99,10 @@ class Chain:
     def value_at(self, depth: int) -> int:
         """The banded value made last before ``depth`` (what a cut there ships)."""
         return next(o for o in reversed(self._outs[:depth]) if o is not None)
+
+    def offset_at(self, depth: int) -> int:
+        """The handle offset of ``value_at(depth)`` in the program."""
+        return next(n.off for n in reversed(self.nodes[:depth]) if n.out is not None)
 
     def live(self, depth: int) -> list[int]:
         """Chain values made before ``depth`` and read from ``depth`` on."""
@@ -150,7 +155,7 @@ def analyse(program: Program) -> Chain:
     shapes, dtypes = {0: tuple(meta.shape)}, {0: meta.dtype}
     value = {steps[0].out_offsets[0]: 0}  # handle offset -> its current banded value
     side: dict[int, int] = {}  # offset of a non-banded output of a chain step -> that step
-    nodes = [Node(0, "upload", "input", out=0)]
+    nodes = [Node(0, "upload", "input", out=0, off=steps[0].out_offsets[0])]
     reads: dict[int, int] = {}
     side_reads: dict[int, int] = {}
     ends = "the program ends"
@@ -314,7 +319,7 @@ def _classify(i: int, st, value: dict, side: dict, shapes: dict, dtypes: dict) -
     v = len(shapes)
     shapes[v], dtypes[v] = tuple(out_shape), out_dtype
     value[off] = v
-    return Node(i, st.name, kind, a, k, tuple((u, p) for u, p, _ in banded), v, window), ""
+    return Node(i, st.name, kind, a, k, tuple((u, p) for u, p, _ in banded), v, off, window), ""
 
 
 def _has_generator(op) -> bool:
