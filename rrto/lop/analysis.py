@@ -155,6 +155,7 @@ def analyse(program: Program) -> Chain:
     shapes, dtypes = {0: tuple(meta.shape)}, {0: meta.dtype}
     value = {steps[0].out_offsets[0]: 0}  # handle offset -> its current banded value
     side: dict[int, int] = {}  # offset of a non-banded output of a chain step -> that step
+    made_free: set = set()  # offsets made by free steps
     nodes = [Node(0, "upload", "input", out=0, off=steps[0].out_offsets[0])]
     reads: dict[int, int] = {}
     side_reads: dict[int, int] = {}
@@ -169,8 +170,12 @@ def analyse(program: Program) -> Chain:
         if st.kind != "op":
             ends = f"step {i} ({st.kind}) waits for the server"
             break
-        if not chain_offs and not any(o in side for o in offs):
+        if not chain_offs and all(o in made_free or o not in side for o in offs):
             nodes.append(Node(i, st.name, "free"))
+            for o in st.out_offsets:
+                if o is not None:
+                    side[o] = i  # not banded: a cut after it must leave it to the server
+                    made_free.add(o)
             continue
         node, why = _classify(i, st, value, side, shapes, dtypes)
         if node is None:
@@ -224,7 +229,7 @@ def _classify(i: int, st, value: dict, side: dict, shapes: dict, dtypes: dict) -
         if "s" in mk:
             off = mk["s"]
             if off in side:
-                return None, "it reads an output that is not banded (batch-norm statistics, pool indices)"
+                return None, "it reads a tensor that is not banded (batch-norm statistics, pool indices, a factory's)"
             if off not in value:
                 return None, "it reads a tensor made outside the chain"
             banded.append((value[off], path, m))

@@ -187,3 +187,50 @@ def run_steps(program: Program, env: dict, params: dict, consts: list, a: int, b
     """Steps [a, b) of ``program`` as recorded (the unsplit reference), non-op steps skipped."""
     ops = [s.spec for s in program.steps[a:b] if s.kind == "op"]
     return run_ops(ops, env, params, consts)
+
+
+# -- the server's side of a plan -----------------------------------------------------------
+
+@dataclass
+class Prefix:
+    """What the server runs instead of steps [0, depth) of the program, as a program of its own.
+
+    Offsets continue after the program's own (``first``), in the same iteration's handle
+    range, and the stitched value lands on the program's offset for it, so the program's
+    steps [depth, end) run unchanged after it. Steps [0, server_end) are the server's
+    bands (run as soon as their input slices are up); the rest stitches.
+    """
+    steps: list
+    slices: list  # (offset, lo, hi): the robot uploads rows [lo, hi) of the input here
+    results: list  # (offset, Band): the robot computes the band and uploads its result here
+    server_end: int
+    end: int  # offsets used: program offsets < first <= ... < end
+
+
+def prefix(chain: Chain, plan: BandPlan, first: int) -> Prefix:
+    if not chain.clean(plan.depth):
+        raise ValueError(f"a cut at depth {plan.depth} would leave tensors the server needs on the robot")
+    nxt = first
+    steps: list = []
+    slices, results, parts = [], [], []
+    for a, b, robot in plan.bands():
+        if robot:
+            continue
+        bd = band(chain, plan.depth, a, b, nxt)
+        steps.append({"t": "put"})
+        steps += bd.ops
+        slices.append((nxt, bd.lo, bd.hi))
+        parts.append((a, bd.out))
+        nxt = bd.end
+    server_end = len(steps)
+    for a, b, robot in plan.bands():
+        if robot:
+            bd = band(chain, plan.depth, a, b)
+            steps.append({"t": "put"})
+            results.append((nxt, bd))
+            parts.append((a, nxt))
+            nxt += 1
+    parts.sort()
+    steps.append({"t": "op", "op": "aten::cat.default", "a": [[{"s": o} for _, o in parts], ROW],
+                  "o": [chain.offset_at(plan.depth)]})
+    return Prefix(steps, slices, results, server_end, nxt)
