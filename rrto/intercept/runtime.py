@@ -66,9 +66,16 @@ class Runtime:
         self.allowed = frozenset(server_info.get("allowed", ()))
         self.streamer = EagerStreamer(link, _handle_of, wait_every_op=config.mode == "rpc")
         self.replayer: Replayer | None = None
-        if config.mode == "replay":
+        self.copies: dict | None = None  # lop: handle -> the robot's CPU copy of what it uploaded
+        self.lop = None
+        if config.mode in ("replay", "lop"):
             self.replayer = Replayer(stats, self._register, config.repeats, verbose=config.progress)
             self.streamer.pre_source = self.replayer.take_pre
+        if config.mode == "lop":
+            from ..lop.robot import LopRobot
+            self.copies = {}
+            self.lop = LopRobot(self.copies, stats, verbose=config.progress)
+            self.replayer.on_diverge = lambda pos: self.lop.diverged(pos, self.replayer, self.streamer)
         self._warned_register = False
         self._handles = itertools.count(1)
         self._blocks = itertools.count(2**52, _NAMED_OUTPUTS)
@@ -236,7 +243,13 @@ class Runtime:
         if rep is not None and rep.program is not None:
             step = rep.match(PUT, key, [], (True,))
         h = rep.base + step.out_offsets[0] if step is not None else next(self._handles)
-        self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking))
+        if step is not None and self.lop is not None and step is rep.program.steps[0] and \
+                self.lop.upload(src, rep.base, self.streamer, rep):
+            pass  # sent as bands
+        else:
+            self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking))
+        if self.copies is not None and step is None:
+            self.copies[h] = src
         if rep is not None:
             if step is None:
                 rep.record(Event(PUT, name_key(PUT), key, outs=(h,)))
@@ -269,6 +282,8 @@ class Runtime:
         return cpu
 
     def release(self, handle: int) -> None:
+        if self.copies is not None:
+            self.copies.pop(handle, None)
         if not self.closed:
             self.streamer.free(handle)
 
@@ -309,6 +324,13 @@ class Runtime:
         header, frames = program.spec()
         if drop is not None:
             header["drop"] = drop
+        if not self._register_spec(header, frames):
+            return False
+        if self.lop is not None:
+            self.replayer.reserve = self.lop.adopt(program, self._register_spec)
+        return True
+
+    def _register_spec(self, header: dict, frames: list) -> bool:
         try:
             self.streamer.register(header, frames)
         except RemoteError as e:
