@@ -14,7 +14,7 @@ import torch
 
 from rrto import codec
 from rrto.lop.analysis import analyse
-from rrto.lop.bands import constants, prefix, run_ops, run_plan, run_steps
+from rrto.lop.bands import constants, input_rows, prefix, run_ops, run_plan, run_steps
 from rrto.lop.plan import BandPlan
 
 from .conftest import RawClient
@@ -115,11 +115,11 @@ def test_server_runs_its_bands_and_the_rest(recorded, server, name):
             r = c.request({"t": "prog", "p": pid, "steps": pre.steps, "in": [], "drop": pid - 1 if pid > 2 else None})
             assert r.get("t") != "err", r
             for off, lo, hi in pre.slices:  # server bands' inputs first
-                desc, buf, _ = codec.tensor_frame(x[:, :, lo:hi].contiguous())
+                desc, buf, _ = codec.tensor_frame(input_rows(chain, x, lo, hi).contiguous())
                 c.send({"t": "put", "h": base + off, "d": desc}, [buf])
             c.send({"t": "free", "pre": [[pid, base, 0, pre.server_end, []]]})  # the server starts on them
             for off, bd in pre.results:  # each robot band as soon as it is done
-                t = run_ops(bd.ops, {0: x[:, :, bd.lo:bd.hi]}, params, consts)[bd.out]
+                t = run_ops(bd.ops, {0: input_rows(chain, x, bd.lo, bd.hi)}, params, consts)[bd.out]
                 desc, buf, _ = codec.tensor_frame(t.contiguous())
                 c.send({"t": "put", "h": base + off, "d": desc}, [buf])
             r = c.request({"t": "get", "h": base + out_off,

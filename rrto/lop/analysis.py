@@ -42,7 +42,7 @@ class Upsample:
 
 @dataclass
 class Node:
-    """One chain step. ``kind``: input, conv, tconv, maxpool, avgpool, point, bn, cat, up, free."""
+    """One chain step. ``kind``: input, conv, tconv, maxpool, avgpool, point, bn, cat, up, view, free."""
     step: int
     name: str
     kind: str
@@ -52,6 +52,7 @@ class Node:
     out: int | None = None  # the banded value made
     off: int | None = None  # the handle offset that holds it
     window: Any = IDENTITY
+    pad_at: int | None = None  # the argument that holds the op's padding (windowed ops)
 
 
 @dataclass
@@ -71,9 +72,10 @@ class StepInfo:
 
 
 class Chain:
-    def __init__(self, program: Program, nodes: list[Node], shapes: dict, dtypes: dict, ends: str,
-                 reads: dict, side_reads: dict):
-        self.program, self.nodes, self.shapes, self.dtypes = program, nodes, shapes, dtypes
+    def __init__(self, program: Program, nodes: list[Node], state: "_State", ends: str, reads: dict,
+                 side_reads: dict):
+        self.program, self.nodes = program, nodes
+        self.shapes, self.dtypes, self.axis = state.shapes, state.dtypes, state.axis  # per value
         self.ends = ends  # why the chain stops where it does
         self._reads = reads  # value -> last step reading it
         self._side_reads = side_reads  # step -> last step reading one of its non-banded outputs
@@ -84,7 +86,7 @@ class Chain:
         return len(self.nodes)
 
     def rows(self, v: int) -> int:
-        return self.shapes[v][ROW]
+        return self.shapes[v][self.axis[v]]
 
     def nbytes(self, v: int) -> int:
         n = 1
@@ -127,7 +129,7 @@ class Chain:
 
     def ranges(self, depth: int, a: int, b: int) -> dict:
         """Rows of every value that rows [a, b) of the value cut at ``depth`` need."""
-        rows = {v: s[ROW] for v, s in self.shapes.items()}
+        rows = {v: self.rows(v) for v in self.shapes}
         return need_graph(self.graph(depth), rows, self.value_at(depth), a, b)
 
     def need(self, depth: int, a: int, b: int) -> tuple[int, int]:
@@ -145,21 +147,53 @@ class Chain:
 
 
 def analyse(program: Program) -> Chain:
-    """The local chain of ``program`` (empty when it does not start with an upload)."""
+    """The local chain of ``program``: the longest over the input's possible row axes."""
     steps = program.steps
     if not steps or steps[0].kind != "put":
-        return Chain(program, [], {}, {}, "the program does not start with an upload", {}, {})
+        return Chain(program, [], _State({}), "the program does not start with an upload", {}, {})
     meta = steps[0].key[1]
-    if len(meta.shape) < 3 or not meta.dtype.is_floating_point:
-        return Chain(program, [], {}, {}, "the input has no rows to band", {}, {})
-    shapes, dtypes = {0: tuple(meta.shape)}, {0: meta.dtype}
-    value = {steps[0].out_offsets[0]: 0}  # handle offset -> its current banded value
-    side: dict[int, int] = {}  # offset of a non-banded output of a chain step -> that step
+    best = None
+    # the input's row axis: NC(D)HW uploads band along dim 2; an HWC camera frame along dim 0
+    for ax in sorted(range(len(meta.shape)), key=lambda d: (d != ROW, d)):
+        if meta.shape[ax] < 2:
+            continue
+        chain = _analyse(program, ax)
+        score = (sum(n.kind not in ("point", "free", "input") for n in chain.nodes), len(chain))
+        if best is None or score > best[0]:
+            best = (score, chain)
+    if best is None:
+        return Chain(program, [], _State({}), "the input has no rows to band", {}, {})
+    return best[1]
+
+
+class _State:
+    """Per value: shape, dtype, row axis; per handle offset: its current value."""
+
+    def __init__(self, value: dict):
+        self.value = value
+        self.shapes: dict = {}
+        self.dtypes: dict = {}
+        self.axis: dict = {}
+        self.side: dict[int, int] = {}  # offset of a non-banded output -> the step that made it
+        self.viewed: set = set()  # values that share storage with another value (views)
+
+    def new(self, shape, dtype, axis) -> int:
+        v = len(self.shapes)
+        self.shapes[v], self.dtypes[v], self.axis[v] = tuple(shape), dtype, axis
+        return v
+
+
+def _analyse(program: Program, axis: int) -> Chain:
+    steps = program.steps
+    meta = steps[0].key[1]
+    stt = _State({steps[0].out_offsets[0]: 0})
+    stt.new(meta.shape, meta.dtype, axis)
     made_free: set = set()  # offsets made by free steps
     nodes = [Node(0, "upload", "input", out=0, off=steps[0].out_offsets[0])]
     reads: dict[int, int] = {}
     side_reads: dict[int, int] = {}
     ends = "the program ends"
+    value, side = stt.value, stt.side
     for i in range(1, len(steps)):
         st = steps[i]
         offs = [r[1] for r in st.roles if r[0] == IN]
@@ -177,15 +211,13 @@ def analyse(program: Program) -> Chain:
                     side[o] = i  # not banded: a cut after it must leave it to the server
                     made_free.add(o)
             continue
-        node, why = _classify(i, st, value, side, shapes, dtypes)
+        node, why = _classify(i, st, stt)
         if node is None:
             ends = f"step {i} ({st.name}) is not local along the rows: {why}"
             break
         for v, _ in node.ins:
             reads[v] = i
         nodes.append(node)
-    else:
-        i = len(steps)
     # reads after the chain: the server needs those values (and side outputs) whole
     for st in steps[len(nodes):]:
         for r in st.roles:
@@ -194,31 +226,41 @@ def analyse(program: Program) -> Chain:
                     reads[value[r[1]]] = len(steps)
                 if r[1] in side:
                     side_reads[side[r[1]]] = len(steps)
-    return Chain(program, nodes, shapes, dtypes, ends, reads, side_reads)
+    return Chain(program, nodes, stt, ends, reads, side_reads)
 
 
 # -- classification ---------------------------------------------------------------------
 
-_BN = {"native_batch_norm": 5, "_native_batch_norm_legit_no_training": None}
+# conv-like ops: (stride, padding, dilation, output padding) argument positions, and the
+# defaults that fill an argument list the wire form left short
+_CONV = {
+    "convolution.default": ((3, 4, 5, 7), None),
+    "conv1d.default": ((3, 4, 5, None), [None, [1], [0], [1], 1]),
+    "conv2d.default": ((3, 4, 5, None), [None, [1], [0], [1], 1]),
+    "conv3d.default": ((3, 4, 5, None), [None, [1], [0], [1], 1]),
+    "conv_transpose1d.input": ((3, 4, 7, 5), [None, [1], [0], [0], 1, [1]]),
+    "conv_transpose2d.input": ((3, 4, 7, 5), [None, [1], [0], [0], 1, [1]]),
+    "conv_transpose3d.input": ((3, 4, 7, 5), [None, [1], [0], [0], 1, [1]]),
+}
+_BN = {"native_batch_norm": 5, "_native_batch_norm_legit_no_training": None, "batch_norm": 5}
 _MAXPOOL = {"max_pool2d_with_indices", "max_pool3d_with_indices", "max_pool2d", "max_pool3d", "max_pool1d"}
 _AVGPOOL = {"avg_pool2d", "avg_pool3d", "avg_pool1d"}
 _UPSAMPLE = {"upsample_nearest2d", "upsample_nearest3d", "upsample_nearest1d"}
+_VIEWS = {"permute", "unsqueeze", "squeeze"}
+_CASTS = {"to.dtype", "_to_copy.default", "clone.default"}
 
 
-class _Ref:
-    __slots__ = ("kind", "n")
-
-    def __init__(self, kind: str, n: int):
-        self.kind, self.n = kind, n
-
-
-def _classify(i: int, st, value: dict, side: dict, shapes: dict, dtypes: dict) -> tuple[Node | None, str]:
+def _classify(i: int, st, stt: _State) -> tuple[Node | None, str]:
     op = st.key[0]
     base, overload = op._schema.name.split("::")[-1], op._overloadname
+    full = f"{base}.{overload}"
     spec = st.spec
-    a, k = spec.get("a", []), spec.get("k", {})
+    a, k = list(spec.get("a", [])), dict(spec.get("k", {}))
+    value, side, shapes = stt.value, stt.side, stt.shapes
     if "out" in k:
         return None, "it writes into an out= tensor"
+    if full in _CASTS and set(k) - {"dtype", "memory_format", "non_blocking", "copy"}:
+        return None, "a copy that changes more than the dtype"
     metas = _metas(st.key)  # per tensor argument, in marker order: (shape, dtype)
     refs: list = []  # (path, marker) of every tensor argument
     _markers(a, (), refs)
@@ -238,81 +280,110 @@ def _classify(i: int, st, value: dict, side: dict, shapes: dict, dtypes: dict) -
         else:
             params.append((path, m))
     inplace = bool(st.pattern) and not st.pattern[0]
-    outs = st.out_offsets
-    shape_in = shapes[banded[0][0]]
+    v0 = banded[0][0]
+    ax = stt.axis[v0]
+    shape_in = shapes[v0]
     rank = len(shape_in)
     try:
         out_shapes = _out_shapes(op, st.key)
     except Exception as e:  # noqa: BLE001 - a meta kernel we cannot run: not local
         return None, f"its output shape is unknown ({type(e).__name__})"
     out_shape, out_dtype = out_shapes[0]
-    if len(out_shape) != rank:
-        return None, "its output has another rank"
     window: Any = IDENTITY
-    kind = "point"
+    kind, pad_at, out_ax = "point", None, ax
     first_only = True  # only argument 0 is banded
-    if base == "convolution" and overload == "default":
-        stride, pad, dil, transposed, opad = a[3], a[4], a[5], a[6], a[7]
-        kk = metas[1][0][ROW]
+    windowed = False
+    if full in _CONV:
+        (si, pi, di, oi), fill = _CONV[full]
+        if fill is not None:  # positions 2, 3, ...: the defaults of what the call left out
+            a += fill[len(a) - 2:]
         if len(refs) < 2 or refs[1][0] != (1,) or "h" not in refs[1][1]:
             return None, "its weight is not a parameter"
+        kk = metas[1][0][ROW]
+        transposed = a[6] if full == "convolution.default" else full.startswith("conv_transpose")
+        stride, pad, dil = _first(a[si]), _first(a[pi]), _first(a[di])
         if transposed:
-            window = Transposed(kk, stride[0], pad[0], dil[0])
-            if opad[0] != 0 or not window.gapless:
+            window = Transposed(kk, stride, pad, dil)
+            if _first(a[oi]) != 0 or not window.gapless:
                 return None, "a transposed convolution with gaps or output padding on the rows"
             kind = "tconv"
         else:
-            window, kind = Window(kk, stride[0], pad[0], dil[0]), "conv"
+            window, kind = Window(kk, stride, pad, dil), "conv"
+        pad_at, windowed = pi, True
     elif base in _MAXPOOL or base in _AVGPOOL:
-        ks = a[1]
-        s = a[2] if len(a) > 2 and a[2] else ks
-        p = a[3] if len(a) > 3 else 0
+        while len(a) < 4:  # defaults: stride [] (the kernel), padding 0
+            a.append([] if len(a) == 2 else 0)
+        ks, s, p = _first(a[1]), _first(a[2]) if a[2] else _first(a[1]), _first(a[3])
         if base in _MAXPOOL:
-            d = a[4] if len(a) > 4 else 1
+            d = _first(a[4]) if len(a) > 4 else 1
             kind = "maxpool"
         else:
             d, ceil = 1, a[4] if len(a) > 4 else False
             include = a[5] if len(a) > 5 else True
             div = a[6] if len(a) > 6 else None
-            p0 = p[0] if isinstance(p, list) else p
-            if ceil or div is not None or (p0 and not include):
+            if ceil or div is not None or (p and not include):
                 return None, "an average pool whose divisor depends on the border"
             kind = "avgpool"
-        first = lambda x: x[0] if isinstance(x, list) else x  # noqa: E731
-        window = Window(first(ks), first(s), first(p), first(d))
+        window, pad_at, windowed = Window(ks, s, p, d), 3, True
     elif base in _BN:
-        if base == "native_batch_norm" and a[5] is not False:
+        if _BN[base] is not None and a[_BN[base]] is not False:
             return None, "batch-norm in training mode mixes rows"
+        if ax < 2:
+            return None, "batch-norm across the rows"
         kind = "bn"
-    elif base == "cat" and overload == "default":
+    elif full == "cat.default":
         dim = (a[1] if len(a) > 1 else k.get("dim", 0)) % rank
-        if dim == ROW:
+        if dim == ax:
             return None, "it concatenates along the rows"
         kind, first_only = "cat", False
     elif base in _UPSAMPLE:
+        if ax != ROW:
+            return None, "upsampling on another axis"
         f = out_shape[ROW] // shape_in[ROW]
         if f * shape_in[ROW] != out_shape[ROW]:
             return None, "upsampling by a non-integer factor"
         window, kind = Upsample(f), "up"
-    elif torch.Tag.pointwise in op.tags and not _has_generator(op):
+    elif base in _VIEWS:
+        if full == "permute.default":
+            dims = [d % rank for d in a[1]]
+            out_ax = dims.index(ax)
+        elif full == "unsqueeze.default":
+            d = a[1] % (rank + 1)
+            out_ax = ax + (d <= ax)
+        elif full == "squeeze.dim":
+            d = a[1] % rank
+            if d == ax:
+                return None, "it squeezes the rows away"
+            out_ax = ax - (d < ax)
+        else:
+            return None, f"{full} may move the rows"
+        kind = "view"
+    elif full in _CASTS or (torch.Tag.pointwise in op.tags and not _has_generator(op)):
         first_only = False
     else:
         return None, f"{base} mixes rows"
-    rows_out = out_shape[ROW]
+    if windowed and ax != ROW:
+        return None, f"its window slides along dim {ROW}, the rows are dim {ax}"
+    if len(out_shape) != rank and kind != "view":
+        return None, "its output has another rank"
+    rows_out = out_shape[out_ax]
     for v, path, m in banded:
         if first_only and path != (0,):
             return None, "a banded tensor in a position that is not the input"
-        if kind in ("point", "cat") and (shapes[v][ROW] != rows_out):
+        if kind in ("point", "cat") and (stt.axis[v] != ax or shapes[v][ax] != rows_out or len(shapes[v]) != rank):
             return None, "operands with different rows"
     if kind == "point":
         for path, m in params:  # a per-channel constant, or any tensor without rows
             shp = m[0]
-            j = ROW - (rank - len(shp))
+            j = ax - (rank - len(shp))
             if 0 <= j < len(shp) and shp[j] != 1:
                 return None, "an operand that varies along the rows but is not banded"
+    outs = st.out_offsets
     if inplace:
         if not banded or banded[0][1] != (0,):
             return None, "it writes in place into a tensor outside the chain"
+        if v0 in stt.viewed and kind != "view":
+            return None, "it writes in place through a view"
         off = next(r[1] for r in st.roles if r[0] == IN)
     else:
         off = outs[0]
@@ -321,10 +392,15 @@ def _classify(i: int, st, value: dict, side: dict, shapes: dict, dtypes: dict) -
         for o in outs[1:]:
             if o is not None:
                 side[o] = i
-    v = len(shapes)
-    shapes[v], dtypes[v] = tuple(out_shape), out_dtype
+    v = stt.new(out_shape, out_dtype, out_ax)
+    if kind == "view":
+        stt.viewed |= {v0, v}
     value[off] = v
-    return Node(i, st.name, kind, a, k, tuple((u, p) for u, p, _ in banded), v, off, window), ""
+    return Node(i, st.name, kind, a, k, tuple((u, p) for u, p, _ in banded), v, off, window, pad_at), ""
+
+
+def _first(x: Any) -> Any:
+    return x[0] if isinstance(x, list) else x
 
 
 def _has_generator(op) -> bool:

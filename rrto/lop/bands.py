@@ -61,7 +61,7 @@ def band(chain: Chain, depth: int, a: int, b: int, first: int = 0) -> Band:
         off, first_row = have[v]  # holds rows ranges[v] of v
         c0, c1 = clip(r0, r1, chain.rows(v))
         if (c0, c1) != ranges[v]:
-            off = emit("aten::slice.Tensor", [{"s": off}, ROW, c0 - first_row, c1 - first_row, 1])
+            off = emit("aten::slice.Tensor", [{"s": off}, chain.axis[v], c0 - first_row, c1 - first_row, 1])
         top, bottom = c0 - r0, r1 - c1
         if top or bottom:
             rank = len(chain.shapes[v])
@@ -89,10 +89,7 @@ def _node_band(n: Node, chain: Chain, r0: int, r1: int, rows_of: Callable, emit:
         (v, _), = n.ins
         w0, w1 = n.window.need(r0, r1)
         a[0] = {"s": rows_of(v, w0, w1, _NEG_INF if n.kind == "maxpool" else 0.0)}
-        pi = 4 if n.kind == "conv" else 3
-        while len(a) <= pi:  # a pool's defaults: stride [] (the kernel), padding 0
-            a.append([] if len(a) == 2 else 0)
-        a[pi] = _zero_row(a[pi], len(chain.shapes[v]) - 2)
+        a[n.pad_at] = _zero_row(a[n.pad_at], len(chain.shapes[v]) - 2)
         n_out = 2 if "with_indices" in name else 1
         return emit(name, a, k, n_out)
     if n.kind in ("tconv", "up"):
@@ -101,7 +98,7 @@ def _node_band(n: Node, chain: Chain, r0: int, r1: int, rows_of: Callable, emit:
         a[0] = {"s": rows_of(v, c0, c1)}
         if n.kind == "tconv":
             w = n.window
-            a[4] = _zero_row(a[4], len(chain.shapes[v]) - 2)
+            a[n.pad_at] = _zero_row(a[n.pad_at], len(chain.shapes[v]) - 2)
             start = r0 + w.p - c0 * w.s
         else:
             f = n.window.f
@@ -169,18 +166,23 @@ def run_ops(ops: list, env: dict, params: dict, consts: list = ()) -> dict:
     return env
 
 
+def input_rows(chain: Chain, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of the chain input ``x`` (along its row axis)."""
+    return x.narrow(chain.axis[0], lo, hi - lo)
+
+
 def run_band(chain: Chain, depth: int, a: int, b: int, x: torch.Tensor, params: dict,
              consts: list = ()) -> torch.Tensor:
     """Rows [a, b) of the value cut at ``depth``, computed from the full input ``x``."""
     bd = band(chain, depth, a, b)
-    env = run_ops(bd.ops, {0: x[:, :, bd.lo:bd.hi]}, params, consts)
+    env = run_ops(bd.ops, {0: input_rows(chain, x, bd.lo, bd.hi)}, params, consts)
     return env[bd.out]
 
 
 def run_plan(chain: Chain, plan: BandPlan, x: torch.Tensor, params: dict, consts: list = ()) -> torch.Tensor:
     """Every band of ``plan`` computed here and stitched: the value a cut at ``plan.depth`` ships."""
     parts = [run_band(chain, plan.depth, a, b, x, params, consts) for a, b, _ in plan.bands()]
-    return torch.cat(parts, ROW) if len(parts) > 1 else parts[0]
+    return torch.cat(parts, chain.axis[chain.value_at(plan.depth)]) if len(parts) > 1 else parts[0]
 
 
 def run_steps(program: Program, env: dict, params: dict, consts: list, a: int, b: int) -> dict:
@@ -231,6 +233,7 @@ def prefix(chain: Chain, plan: BandPlan, first: int) -> Prefix:
             parts.append((a, nxt))
             nxt += 1
     parts.sort()
-    steps.append({"t": "op", "op": "aten::cat.default", "a": [[{"s": o} for _, o in parts], ROW],
+    axis = chain.axis[chain.value_at(plan.depth)]
+    steps.append({"t": "op", "op": "aten::cat.default", "a": [[{"s": o} for _, o in parts], axis],
                   "o": [chain.offset_at(plan.depth)]})
     return Prefix(steps, slices, results, server_end, nxt)

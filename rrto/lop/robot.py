@@ -27,7 +27,7 @@ from rrto import codec
 from rrto.record.program import Program
 
 from .analysis import Chain, analyse
-from .bands import Prefix, constants, prefix, run_ops
+from .bands import Prefix, constants, input_rows, prefix, run_ops
 from .plan import BandPlan
 
 Planner = Callable[[Chain], "BandPlan | None"]
@@ -103,13 +103,13 @@ class LopRobot:
         pre = act.prefix
         x = x.detach().clone()  # ours now: sent without waiting, and kept in case the app diverges
         for off, lo, hi in pre.slices:
-            _put(streamer, base + off, x[:, :, lo:hi].contiguous())
+            _put(streamer, base + off, input_rows(act.chain, x, lo, hi).contiguous())
         if pre.slices:
             replayer.add_run(act.pid, base, 0, pre.server_end)
             streamer.notify("free")  # carries the run: the server starts on its bands now
         with torch.no_grad():
             for off, bd in pre.results:
-                t = run_ops(bd.ops, {0: x[:, :, bd.lo:bd.hi]}, self.copies, act.consts)[bd.out]
+                t = run_ops(bd.ops, {0: input_rows(act.chain, x, bd.lo, bd.hi)}, self.copies, act.consts)[bd.out]
                 _put(streamer, base + off, t)
         stitch = replayer.add_run(act.pid, base, pre.server_end, len(pre.steps))
         replayer.skip_to = act.plan.depth
