@@ -140,6 +140,8 @@ class Runtime:
         handles: list = []
         out = self._materialize(plan.template, tensors, handles, self._handles)
         self.streamer.op(plan.name, args, kwargs, handles)
+        if self.copies is not None and func in _DERIVED and type(out) is RemoteTensor:
+            self._derive_copy(func, args, kwargs, out)
         if rep is not None:
             rep.record(self._event(plan, key, tensors, handles))
         return out
@@ -226,6 +228,23 @@ class Runtime:
             name = self._names[func] = f"{func._schema.name}.{func._overloadname}"
         return name
 
+    def _derive_copy(self, func, args, kwargs, out) -> None:
+        """lop: the robot's copy of ``out``, the same op run on the copies of its inputs."""
+        missing = []
+
+        def cpu(x):
+            if type(x) is RemoteTensor:
+                c = self.copies.get(x._h)
+                if c is None:
+                    missing.append(x)
+                return c
+            if isinstance(x, (list, tuple)):
+                return type(x)(cpu(y) for y in x)
+            return torch.device("cpu") if isinstance(x, torch.device) else x
+        a, k = cpu(args), {key: cpu(v) for key, v in kwargs.items()}
+        if not missing:
+            self.copies[out._h] = func(*a, **k)
+
     # -- data in and out ---------------------------------------------------------------
 
     def upload(self, src: torch.Tensor, dtype=None, memory_format=None, non_blocking=False) -> RemoteTensor:
@@ -284,6 +303,8 @@ class Runtime:
     def release(self, handle: int) -> None:
         if self.copies is not None:
             self.copies.pop(handle, None)
+            if self.lop.hold(handle):
+                return
         if not self.closed:
             self.streamer.free(handle)
 
@@ -360,6 +381,13 @@ class Runtime:
 
 
 # -- special ops: data crossing between the robot and the virtual device ----------------
+
+# lop: tensors made from uploads by these ops get robot-side copies too (nn.Parameter(x) is a
+# detach of the upload; a normalisation constant is often a view of one)
+_DERIVED = frozenset((aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default,
+                      aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
+                      aten.permute.default, aten.t.default, aten.transpose.int, aten._to_copy.default))
+
 
 def _to_copy(rt: Runtime, func, args, kwargs):
     src, device = args[0], kwargs.get("device")

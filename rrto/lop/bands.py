@@ -47,9 +47,10 @@ def band(chain: Chain, depth: int, a: int, b: int, first: int = 0) -> Band:
     ops: list = []
     nxt = [first + 1]
 
-    def emit(name: str, args: list, kwargs: dict | None = None, n_out: int = 1) -> int:
+    def emit(name: str, args: list, kwargs: dict | None = None) -> int:
         off = nxt[0]
         nxt[0] += 1
+        n_out = len(op_of(name)._schema.returns)  # only the first output is banded
         step = {"t": "op", "op": name, "a": args, "o": [off] + [None] * (n_out - 1)}
         if kwargs:
             step["k"] = kwargs
@@ -90,8 +91,7 @@ def _node_band(n: Node, chain: Chain, r0: int, r1: int, rows_of: Callable, emit:
         w0, w1 = n.window.need(r0, r1)
         a[0] = {"s": rows_of(v, w0, w1, _NEG_INF if n.kind == "maxpool" else 0.0)}
         a[n.pad_at] = _zero_row(a[n.pad_at], len(chain.shapes[v]) - 2)
-        n_out = 2 if "with_indices" in name else 1
-        return emit(name, a, k, n_out)
+        return emit(name, a, k)
     if n.kind in ("tconv", "up"):
         (v, _), = n.ins
         c0, c1 = clip(*n.window.need(r0, r1), chain.rows(v))
@@ -116,7 +116,7 @@ def _node_band(n: Node, chain: Chain, r0: int, r1: int, rows_of: Callable, emit:
     base, overload = name.split("::")[1].split(".")
     if base.endswith("_") and n.kind == "point":  # in place on a band would write a view: run it out of place
         name = f"aten::{base[:-1]}.{overload}"
-    return emit(name, a, k, 3 if n.kind == "bn" else 1)
+    return emit(name, a, k)
 
 
 def _zero_row(p: Any, dims: int) -> list:

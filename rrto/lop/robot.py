@@ -59,6 +59,11 @@ class LopRobot:
         self.planner = planner or default_plan
         self.active: _Active | None = None
         self._inflight: tuple | None = None  # (input, base, stitch run) of the iteration under way
+        # The stitched value is made by the band program's run and read by the main program's:
+        # a free from the app riding on the same message would leave it unbound between the two
+        # runs, so the robot holds that free back until the next iteration.
+        self._keep: int | None = None
+        self._held: list[int] = []
 
     # -- adoption ----------------------------------------------------------------------
 
@@ -100,6 +105,9 @@ class LopRobot:
         if act is None or -act.pid != replayer.program.pid or tuple(x.shape) != act.chain.shapes[0] \
                 or x.dtype != act.chain.dtypes[0]:
             return False
+        for h in self._held:
+            streamer.free(h)
+        self._held.clear()
         pre = act.prefix
         x = x.detach().clone()  # ours now: sent without waiting, and kept in case the app diverges
         for off, lo, hi in pre.slices:
@@ -116,8 +124,17 @@ class LopRobot:
         for o in range(act.n_handles, pre.end):  # band temporaries go with the next message, after the stitch
             streamer.free(base + o)
         self._inflight = (x, base, stitch)
+        self._keep = base + act.chain.offset_at(act.plan.depth)
         self.stats.lop_inferences += 1
         return True
+
+    def hold(self, handle: int) -> bool:
+        """True: the runtime must not free ``handle`` now (the robot frees it later)."""
+        if handle == self._keep:
+            self._held.append(handle)
+            self._keep = None
+            return True
+        return False
 
     def diverged(self, pos: int, replayer, streamer) -> None:
         """The app left the program at step ``pos`` <= depth: make steps [0, pos) real on the server."""
