@@ -33,15 +33,24 @@ from .plan import BandPlan
 Planner = Callable[[Chain], "BandPlan | None"]
 
 
-def default_plan(chain: Chain) -> BandPlan | None:
-    """Until LOSS plans: the deepest clean cut, 4 bands, the robot computes the top one."""
+def default_plan(chain: Chain, bands: int = 4, max_halo: float = 1.5) -> BandPlan | None:
+    """Until LOSS plans: ``bands`` even bands, the robot computes the top one, cut at the deepest
+    clean cut where the bands together read at most ``max_halo`` times the input's rows (deep
+    cuts make every band read nearly the whole input: halos grow with each layer's window)."""
     cuts = [d for d in chain.cuts() if d > 1]
-    if not cuts:
-        return None
-    depth = cuts[-1]
-    rows = chain.rows(chain.value_at(depth))
-    n = min(4, rows)
-    return BandPlan.even(depth, rows, (True,) + (False,) * (n - 1))
+    for n in range(bands, 1, -1):  # a small input: fewer, taller bands
+        for depth in reversed(cuts):
+            rows = chain.rows(chain.value_at(depth))
+            if rows < n:
+                continue
+            plan = BandPlan.even(depth, rows, (True,) + (False,) * (n - 1))
+            read = 0
+            for a, b, _ in plan.bands():
+                lo, hi = chain.need(depth, a, b)
+                read += hi - lo
+            if read <= max_halo * chain.input_rows:
+                return plan
+    return None
 
 
 class _Active:
