@@ -55,6 +55,16 @@ def test_chain_found(recorded, name):
         assert "tconv" in kinds and chain.shapes[0][2] == 16  # banded along depth
     if name == "KeypointNet":
         assert {"up", "cat"} <= kinds
+    # what the cost model reads per step
+    info = chain.steps()
+    assert len(info) == len(chain)
+    H = chain.input_rows
+    for st in info[1:]:
+        assert st.clean == chain.clean(st.index + 1) and st.bytes > 0 and st.rows > 0
+        if st.clean:
+            assert st.need(0, st.rows) == (0, H)  # all rows need the whole input
+            lo, hi = st.need(0, 1)
+            assert lo == 0 and 0 < hi <= H  # the top row needs a top band of the input
 
 
 @pytest.mark.parametrize("name", MODELS)
