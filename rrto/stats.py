@@ -31,6 +31,11 @@ class Stats:
     replayed_inferences: int = 0
     replay_divergences: int = 0
     replay_messages: int = 0  # messages sent during replayed iterations
+    # lop
+    lop_inferences: int = 0  # replayed iterations whose input went up in bands
+    lop_depth: int = 0  # the plan: robot bands run steps [0, depth)
+    lop_bands: int = 0
+    lop_robot_bands: int = 0
     robot_torch: str = ""
     server_torch: str = ""
     server_device: str = ""

@@ -66,9 +66,16 @@ class Runtime:
         self.allowed = frozenset(server_info.get("allowed", ()))
         self.streamer = EagerStreamer(link, _handle_of, wait_every_op=config.mode == "rpc")
         self.replayer: Replayer | None = None
-        if config.mode == "replay":
+        self.copies: dict | None = None  # lop: handle -> the robot's CPU copy of what it uploaded
+        self.lop = None
+        if config.mode in ("replay", "lop"):
             self.replayer = Replayer(stats, self._register, config.repeats, verbose=config.progress)
             self.streamer.pre_source = self.replayer.take_pre
+        if config.mode == "lop":
+            from ..lop.robot import LopRobot
+            self.copies = {}
+            self.lop = LopRobot(self.copies, stats, verbose=config.progress)
+            self.replayer.on_diverge = lambda pos: self.lop.diverged(pos, self.replayer, self.streamer)
         self._warned_register = False
         self._handles = itertools.count(1)
         self._blocks = itertools.count(2**52, _NAMED_OUTPUTS)
@@ -133,6 +140,8 @@ class Runtime:
         handles: list = []
         out = self._materialize(plan.template, tensors, handles, self._handles)
         self.streamer.op(plan.name, args, kwargs, handles)
+        if self.copies is not None and func in _DERIVED and type(out) is RemoteTensor:
+            self._derive_copy(func, args, kwargs, out)
         if rep is not None:
             rep.record(self._event(plan, key, tensors, handles))
         return out
@@ -219,6 +228,23 @@ class Runtime:
             name = self._names[func] = f"{func._schema.name}.{func._overloadname}"
         return name
 
+    def _derive_copy(self, func, args, kwargs, out) -> None:
+        """lop: the robot's copy of ``out``, the same op run on the copies of its inputs."""
+        missing = []
+
+        def cpu(x):
+            if type(x) is RemoteTensor:
+                c = self.copies.get(x._h)
+                if c is None:
+                    missing.append(x)
+                return c
+            if isinstance(x, (list, tuple)):
+                return type(x)(cpu(y) for y in x)
+            return torch.device("cpu") if isinstance(x, torch.device) else x
+        a, k = cpu(args), {key: cpu(v) for key, v in kwargs.items()}
+        if not missing:
+            self.copies[out._h] = func(*a, **k)
+
     # -- data in and out ---------------------------------------------------------------
 
     def upload(self, src: torch.Tensor, dtype=None, memory_format=None, non_blocking=False) -> RemoteTensor:
@@ -236,7 +262,13 @@ class Runtime:
         if rep is not None and rep.program is not None:
             step = rep.match(PUT, key, [], (True,))
         h = rep.base + step.out_offsets[0] if step is not None else next(self._handles)
-        self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking))
+        if step is not None and self.lop is not None and step is rep.program.steps[0] and \
+                self.lop.upload(src, rep.base, self.streamer, rep):
+            pass  # sent as bands
+        else:
+            self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking))
+        if self.copies is not None and step is None:
+            self.copies[h] = src
         if rep is not None:
             if step is None:
                 rep.record(Event(PUT, name_key(PUT), key, outs=(h,)))
@@ -269,6 +301,10 @@ class Runtime:
         return cpu
 
     def release(self, handle: int) -> None:
+        if self.copies is not None:
+            self.copies.pop(handle, None)
+            if self.lop.hold(handle):
+                return
         if not self.closed:
             self.streamer.free(handle)
 
@@ -310,6 +346,13 @@ class Runtime:
         header, frames = program.spec()
         if drop is not None:
             header["drop"] = drop
+        if not self._register_spec(header, frames):
+            return False
+        if self.lop is not None:
+            self.replayer.reserve = self.lop.adopt(program, self._register_spec)
+        return True
+
+    def _register_spec(self, header: dict, frames: list) -> bool:
         try:
             self.streamer.register(header, frames)
         except RemoteError as e:
@@ -339,6 +382,13 @@ class Runtime:
 
 
 # -- special ops: data crossing between the robot and the virtual device ----------------
+
+# lop: tensors made from uploads by these ops get robot-side copies too (nn.Parameter(x) is a
+# detach of the upload; a normalisation constant is often a view of one)
+_DERIVED = frozenset((aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default,
+                      aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
+                      aten.permute.default, aten.t.default, aten.transpose.int, aten._to_copy.default))
+
 
 def _to_copy(rt: Runtime, func, args, kwargs):
     src, device = args[0], kwargs.get("device")
