@@ -23,7 +23,9 @@ LOP_LOOPS = [loop for loop in LOOPS if "mobilenet_v2" not in loop[1]]  # resnet1
 
 
 @pytest.mark.parametrize("script, args", LOP_LOOPS, ids=lambda v: v if isinstance(v, str) else " ".join(v[2:4]))
-def test_example_loop_under_lop_equals_local(tmp_path, server, script, args):
+def test_example_loop_under_lop_equals_local(tmp_path, server, script, args, monkeypatch):
+    # the fixed plan (4 even bands, the robot takes the top one): LOSS's choice depends on timings
+    monkeypatch.setenv("RRTO_LOP_PLANNER", "fixed")
     local = run_example(tmp_path, script, args, "--mode", "local")
     stats_path = tmp_path / "stats.json"
     lop = run_example(tmp_path, script, args, "--server", server.url, "--mode", "lop", "--stats", str(stats_path))
@@ -38,6 +40,21 @@ def test_example_loop_under_lop_equals_local(tmp_path, server, script, args):
     assert s["mode"] == "lop" and s["sequence_found"] and s["replay_divergences"] == 0
     assert s["lop_bands"] >= 2 and 1 <= s["lop_robot_bands"] < s["lop_bands"], s
     assert s["lop_inferences"] >= 20 - 5, f"lop engaged late or not at all: {s}"
+
+
+@pytest.mark.parametrize("mode", ["lop", "partition"])
+def test_planned_modes_equal_local(tmp_path, server, mode):
+    """LOSS (lop) and the best layer cut (partition) plan from this machine's own timings and
+    link probes, in the background: whatever they choose, outputs match the local run."""
+    script, args = "camera_loop.py", ["--frames", "16", "--size", "64"]
+    local = run_example(tmp_path, script, args, "--mode", "local")
+    stats_path = tmp_path / "stats.json"
+    res = run_example(tmp_path, script, args, "--server", server.url, "--mode", mode, "--stats", str(stats_path))
+    assert np.allclose(local["logits"], res["logits"], rtol=1e-4, atol=1e-5)
+    s = json.loads(stats_path.read_text())
+    assert s["mode"] == mode and s["sequence_found"] and s["replay_divergences"] == 0, s
+    if mode == "partition":  # a layer cut: one band, computed by the robot, or none (full offload)
+        assert s["lop_bands"] in (0, 1) and s["lop_robot_bands"] == s["lop_bands"], s
 
 
 class Net(torch.nn.Module):

@@ -10,6 +10,7 @@ runs it and replies with what came out. Then the op goes to the eager streamer.
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import threading
 import time
@@ -68,13 +69,18 @@ class Runtime:
         self.replayer: Replayer | None = None
         self.copies: dict | None = None  # lop: handle -> the robot's CPU copy of what it uploaded
         self.lop = None
-        if config.mode in ("replay", "lop"):
+        if config.mode in ("replay", "lop", "partition"):
             self.replayer = Replayer(stats, self._register, config.repeats, verbose=config.progress)
             self.streamer.pre_source = self.replayer.take_pre
-        if config.mode == "lop":
+        if config.mode in ("lop", "partition"):
+            from ..lop.planning import LossPlanner, default_speedup
             from ..lop.robot import LopRobot
             self.copies = {}
-            self.lop = LopRobot(self.copies, stats, verbose=config.progress)
+            planner = None  # RRTO_LOP_PLANNER=fixed: lop.robot.default_plan, a fixed rule (tests)
+            if config.mode == "partition" or os.environ.get("RRTO_LOP_PLANNER", "loss") != "fixed":
+                planner = LossPlanner(self.copies, self._probe_link, default_speedup(server_info.get("device", "")),
+                                      layers_only=config.mode == "partition", verbose=config.progress)
+            self.lop = LopRobot(self.copies, stats, planner=planner, verbose=config.progress)
             self.replayer.on_diverge = lambda pos: self.lop.diverged(pos, self.replayer, self.streamer)
         self._warned_register = False
         self._handles = itertools.count(1)
@@ -337,6 +343,18 @@ class Runtime:
                 rep.record(Event(SEED, name_key(SEED), key))
             elif rep.unstable:
                 rep.log_replayed(step, key, [], ())
+
+    def _probe_link(self, nbytes: int) -> float:
+        """Seconds for one round trip carrying ``nbytes`` up (lop measures the link with these)."""
+        t0 = time.perf_counter()
+        if nbytes:
+            h = next(self._handles)
+            t = torch.zeros(nbytes, dtype=torch.uint8)
+            desc, buf, _ = codec.tensor_frame(t)
+            self.streamer.put(h, desc, buf, wait_sent=True)
+            self.streamer.free(h)
+        self.streamer.request("sync")
+        return time.perf_counter() - t0
 
     def memory_allocated(self) -> int:
         return int(self.streamer.request("mem")["allocated"])

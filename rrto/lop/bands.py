@@ -154,15 +154,17 @@ def run_ops(ops: list, env: dict, params: dict, consts: list = ()) -> dict:
         if kind != "s":
             raise ValueError("a band reads no tensor slots")
         return env[n]
-    for st in ops:
-        args = codec.decode_value(st["a"], params.__getitem__, consts.__getitem__, cpu, ref)
-        kwargs = {key: codec.decode_value(v, params.__getitem__, consts.__getitem__, cpu, ref)
-                  for key, v in st.get("k", {}).items()}
-        res = op_of(st["op"])(*args, **kwargs)
-        res = res if isinstance(res, (tuple, list)) else (res,)
-        for o, t in zip(st["o"], res):
-            if o is not None:
-                env[o] = t
+    # plain CPU tensors only: rrto's own function mode (active in the app) has nothing to do here
+    with torch._C.DisableTorchFunction():
+        for st in ops:
+            args = codec.decode_value(st["a"], params.__getitem__, consts.__getitem__, cpu, ref)
+            kwargs = {key: codec.decode_value(v, params.__getitem__, consts.__getitem__, cpu, ref)
+                      for key, v in st.get("k", {}).items()}
+            res = op_of(st["op"])(*args, **kwargs)
+            res = res if isinstance(res, (tuple, list)) else (res,)
+            for o, t in zip(st["o"], res):
+                if o is not None:
+                    env[o] = t
     return env
 
 

@@ -19,6 +19,7 @@ had reached, so eager execution continues on exactly the tensors replay would ha
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Callable
 
 import torch
@@ -73,43 +74,82 @@ class LopRobot:
         # runs, so the robot holds that free back until the next iteration.
         self._keep: int | None = None
         self._held: list[int] = []
+        self._job: tuple | None = None  # (program, chain, register) being planned
+        self._ready: tuple | None = None  # (job, plan) from the planning thread
+        self._drop: int | None = None  # the previous band program, dropped when the next registers
 
     # -- adoption ----------------------------------------------------------------------
 
     def adopt(self, program: Program, register: Callable[[dict, list], bool]) -> int:
-        """Plan ``program``; register the server's part. Returns the handles an iteration needs."""
-        old, self.active = self.active, None
+        """Start planning ``program`` in the background; replay runs it whole meanwhile.
+
+        Planning profiles the chain and searches plans (tens to hundreds of ms): never on
+        the inference's path. The plan is registered at the first upload after it is ready,
+        and used from the iteration after that (whose handles it reserves).
+        """
+        if self.active is not None:
+            self._drop = self.active.pid
+        self.active, self._ready = None, None
         chain = analyse(program)
-        plan = self.planner(chain) if len(chain) > 1 else None
+        if len(chain) <= 1:
+            self._say(f"no banded plan ({chain.ends}); replaying with a whole upload")
+            self._job = None
+            return program.n_handles
+        prepare = getattr(self.planner, "prepare", None)
+        if prepare is not None:
+            prepare()  # what must use the session's socket (link probes) runs here, on the app's thread
+        self._job = job = (program, chain, register)
+        threading.Thread(target=self._plan, args=(job,), name="rrto-lop-plan", daemon=True).start()
+        return program.n_handles
+
+    def _plan(self, job: tuple) -> None:
+        try:
+            plan = self.planner(job[1])
+        except Exception as e:  # noqa: BLE001 - a planner bug must cost only the speed-up
+            self._say(f"planning failed ({type(e).__name__}: {e}); replaying with a whole upload")
+            plan = None
+        self._ready = (job, plan)
+
+    def _install(self, job: tuple, plan: BandPlan | None, replayer) -> None:
+        program, chain, register = job
         why = chain.ends
         if plan is not None and plan.depth > 1:
             pre = prefix(chain, plan, program.n_handles)
             missing = {h for _, bd in pre.results for st in bd.ops for h in _handles(st)} - self.copies.keys()
             header = {"p": -program.pid, "steps": pre.steps, "in": list(program.descs)}
-            if old is not None:
-                header["drop"] = -old.pid
+            if self._drop is not None:
+                header["drop"], self._drop = self._drop, None
             if missing:
                 why = f"the robot has no copy of {len(missing)} parameter(s) its bands need"
             elif register(header, list(program.frames)):
                 self.active = _Active(-program.pid, chain, plan, pre, constants(program), program.n_handles)
+                replayer.reserve = pre.end
                 s = self.stats
                 s.lop_depth, s.lop_bands = plan.depth, plan.n_bands
                 s.lop_robot_bands = sum(plan.robot)
-                if self.verbose:
-                    print(f"rrto: lop: {len(chain)}-step local chain, cut at step {plan.depth} "
+                self._say(f"{len(chain)}-step local chain, cut at step {plan.depth} "
                           f"({chain.rows(chain.value_at(plan.depth))} rows), {plan.n_bands} bands, "
-                          f"{sum(plan.robot)} on the robot", file=sys.stderr, flush=True)
-                return pre.end
+                          f"{sum(plan.robot)} on the robot")
+                return
             else:
                 why = "the server refused the band program"
+        elif plan is not None:
+            why = "the planner chose full offload"
+        self._say(f"no banded plan ({why}); replaying with a whole upload")
+
+    def _say(self, msg: str) -> None:
         if self.verbose:
-            print(f"rrto: lop: no banded plan ({why}); replaying with a whole upload", file=sys.stderr, flush=True)
-        return program.n_handles
+            print(f"rrto: lop: {msg}", file=sys.stderr, flush=True)
 
     # -- one inference -------------------------------------------------------------------
 
     def upload(self, x: torch.Tensor, base: int, streamer, replayer) -> bool:
         """Send the input of a replayed iteration as bands; False: upload it whole as usual."""
+        ready = self._ready
+        if ready is not None and ready[0] is self._job:
+            self._ready = self._job = None
+            self._install(*ready, replayer)
+            return False  # this iteration's handles were counted without the bands: next one
         act = self.active
         if act is None or -act.pid != replayer.program.pid or tuple(x.shape) != act.chain.shapes[0] \
                 or x.dtype != act.chain.dtypes[0]:
