@@ -425,8 +425,12 @@ class Estimate:
     link_busy: float  # seconds the robot's radio carries data
 
 
-def simulate(profile: Profile, plan, link: Link, power: Power = Power()) -> Estimate:
-    """Model one inference under ``plan`` (a BandPlan) on ``link``."""
+def simulate(profile: Profile, plan, link: Link, power: Power = Power(), trace: Optional[list] = None) -> Estimate:
+    """Model one inference under ``plan`` (a BandPlan) on ``link``.
+
+    ``trace``: a list that gets the modelled schedule, ``(lane, start_s, end_s, label)``
+    per interval (lanes: robot compute, uplink, server compute, downlink)."""
+    ev = trace.append if trace is not None else (lambda e: None)
     n = len(profile.steps)
     bw, half = max(link.bandwidth, 1e-9), link.rtt / 2
     d = plan.depth
@@ -445,6 +449,9 @@ def simulate(profile: Profile, plan, link: Link, power: Power = Power()) -> Esti
         t = up + half + profile.prefix_time(n, robot=False)
         end = t + half + profile.result_bytes / bw
         tx.append((t + half, end))
+        ev(("uplink", 0.0, up, "input"))
+        ev(("server compute", up + half, t, "program"))
+        ev(("downlink", t + half, end, "result"))
         return Estimate(end, energy(end, [], tx, power), 0.0, up + profile.result_bytes / bw)
 
     if d == n and all(r for _, _, r in bands):  # local
@@ -465,24 +472,31 @@ def simulate(profile: Profile, plan, link: Link, power: Power = Power()) -> Esti
             start, link_free = link_free, link_free + nb / bw
             tx.append((start, link_free))
             arrivals.append((link_free + half, profile.band_time(d, a, b, robot=False)))
+            ev(("uplink", start, link_free, f"rows {a}-{b} in"))
     robot_free = 0.0
     for a, b, r in bands:
         if r:
             ct = profile.band_time(d, a, b, robot=True) if banded else profile.prefix_time(d, robot=True)
             compute.append((robot_free, robot_free + ct))
+            ev(("robot compute", robot_free, robot_free + ct, f"rows {a}-{b}"))
             robot_free += ct
             nb = profile.band_out_bytes(d, a, b) if banded else profile.live_bytes(d)
             start = max(robot_free, link_free)
             link_free = start + nb / bw
             tx.append((start, link_free))
             arrivals.append((link_free + half, 0.0))
+            ev(("uplink", start, link_free, f"rows {a}-{b} out"))
     server_free = 0.0
     for arr, work in sorted(arrivals):
+        if work:
+            ev(("server compute", max(server_free, arr), max(server_free, arr) + work, "band"))
         server_free = max(server_free, arr) + work
     t = server_free + profile.suffix_time(d, robot=False)
+    ev(("server compute", server_free, t, "rest"))
     down_start = max(t + half, link_free)
     end = down_start + profile.result_bytes / bw
     tx.append((down_start, end))
+    ev(("downlink", down_start, end, "result"))
     busy_c = sum(b - a for a, b in compute)
     busy_t = sum(b - a for a, b in tx)
     return Estimate(end, energy(end, compute, tx, power), busy_c, busy_t)

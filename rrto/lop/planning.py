@@ -20,7 +20,7 @@ import torch
 
 from .analysis import Chain
 from .bands import run_band
-from .cost import LinkEstimator, Power, Profile, StepCost
+from .cost import LinkEstimator, Power, Profile, StepCost, simulate
 from . import baselines
 from .bands import constants
 from .loss import Choice
@@ -42,12 +42,12 @@ def default_speedup(server_device: str) -> float:
 class LossPlanner:
     """A LopRobot planner: ``planner(chain) -> BandPlan | None`` (None: plain replay)."""
 
-    def __init__(self, copies: dict, probe: Callable[[int], float], server_speedup: float,
+    def __init__(self, copies: dict, probe: Callable[[int], float], server_speedup: float, stats=None,
                  objective: str = "latency", layers_only: bool = False, power: Power = Power(),
                  verbose: bool = False):
         """``probe(n)``: seconds for a round trip carrying ``n`` bytes up. ``layers_only``: the
         Neurosurgeon-style baseline (``--mode partition``): the best single layer cut, no bands."""
-        self.copies, self.probe, self.layers_only = copies, probe, layers_only
+        self.copies, self.probe, self.layers_only, self.stats = copies, probe, layers_only, stats
         self.speedup, self.objective, self.power, self.verbose = server_speedup, objective, power, verbose
         self.link = LinkEstimator()
         self.last = None  # the last Choice, for stats and tests
@@ -94,6 +94,10 @@ class LossPlanner:
             choice = loss_plan(prof, link, self.power, self.objective, maxiter=20)
         self.last = choice
         p = choice.plan
+        if self.stats is not None:  # the modelled schedule of one inference, for the benchmark's timeline plot
+            events: list = []
+            simulate(prof, p, link, self.power, trace=events)
+            self.stats.timeline = [[lane, round(a, 6), round(b, 6), f"{label} (model)"] for lane, a, b, label in events]
         if self.verbose:
             print(f"rrto: lop: {'layer cut' if self.layers_only else 'LOSS'} planned in {(time.perf_counter() - t0) * 1e3:.0f} ms for "
                   f"{link.bandwidth * 8 / 1e6:.0f} Mbit/s, rtt {link.rtt * 1e3:.1f} ms: depth {p.depth}, "
