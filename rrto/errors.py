@@ -9,6 +9,10 @@ class LinkError(RrtoError):
     """The edge server could not be reached, or did not answer in time."""
 
 
+class LinkLost(LinkError):
+    """The server stopped answering (killed, restarted, unreachable, or the link stalled)."""
+
+
 class RemoteError(RrtoError):
     """The edge server refused or failed a request; the message says why."""
 
