@@ -20,6 +20,7 @@ import zmq
 from rrto import codec
 
 from .auth import CurveAuth
+from .cache import WeightCache
 from .ops import OpTable, SizeCheck, warm_up
 from .session import Limits, Session
 
@@ -39,6 +40,7 @@ class Daemon:
         self.ops = OpTable()
         self.sizes = SizeCheck(limits.max_tensor_bytes)
         self.sessions: dict[str, Session] = {}
+        self.cache = WeightCache(limits.weight_cache_bytes)
         self.closing: list[Session] = []  # ended sessions whose worker has not let go of its tensors yet
         self.stopping = False
         self.ctx = zmq.Context()
@@ -192,7 +194,7 @@ class Daemon:
             log.info("session %s replaced by the robot that held it (it reconnected)", drop[:8])
             self._end(drop)
         token = secrets.token_hex(16)
-        s = Session(token, identity, self.device, self.limits, self.ops, self.sizes, self._reply_socket)
+        s = Session(token, identity, self.device, self.limits, self.ops, self.sizes, self._reply_socket, self.cache)
         self.sessions[token] = s
         s.start()
         try:

@@ -105,6 +105,8 @@ def test_kill_and_restart_the_server(tmp_path):
         robot.proc.kill()
         server.stop()
     check_recovered(res, err, n)
+    assert res["stats"]["faults"] == 1 and res["stats"]["reconnects"] == 1, res["stats"]
+    assert res["stats"]["weights_adopted"] == 0  # a fresh server has an empty cache: the bytes went again
     # no frame waited much longer than the fault timeout (the one that found the server gone)
     assert max(res["walls"][11:]) < FAULT_TIMEOUT + 1.5, max(res["walls"][11:])
     assert robot.seen[15] - killed < FAULT_TIMEOUT + 5 * 0.1 + 3
@@ -202,6 +204,8 @@ def test_blocked_link():
         server.stop()
     check_recovered(res, err, n)
     assert max(res["walls"][11:]) < FAULT_TIMEOUT + 1.5
+    # the server kept running: its weight cache gave the new session the weights by digest
+    assert res["stats"]["weights_adopted"] == 9, res["stats"]
 
 
 def test_detection_time_of_a_stopped_server():
@@ -227,6 +231,45 @@ def test_detection_time_of_a_stopped_server():
     assert "lost the server" in fault_lines(err)[0]
 
 
-@pytest.fixture(autouse=True)
-def _no_stray_processes():
-    yield
+def test_ping_is_answered_without_a_session(raw):
+    """The server's main thread answers pings at once, even for a robot with no session."""
+    raw.send({"t": "ping"})
+    reply, _ = raw.recv()
+    assert reply == {"t": "pong"}
+
+
+def test_weight_cache_by_digest(server):
+    """A weight uploaded once is adopted by digest in another session; unknown digests are not."""
+    import numpy as np
+    from rrto import codec
+
+    from .conftest import RawClient
+    w = np.arange(24, dtype=np.float32) / 7
+    buf = w.tobytes()
+    a, b = RawClient(server.url), RawClient(server.url)
+    try:
+        a.hello()
+        b.hello()
+        desc = {"dt": "float32", "sh": [4, 6], "st": [6, 1]}
+        a.request({"t": "put", "h": 1, "d": desc, "c": 1}, [buf])
+        a.request({"t": "put", "h": 2, "d": desc}, [(w + 1).tobytes()])  # not a weight: not cached
+        items = [[5, {"dt": "float32", "sh": [6, 4], "st": [1, 6]}, codec.digest(buf)],
+                 [6, desc, codec.digest((w + 1).tobytes())],
+                 [7, desc, "0" * 32],
+                 [8, {"dt": "int32", "sh": [4, 6], "st": [6, 1]}, codec.digest(buf)]]
+        assert b.request({"t": "adopt", "w": items})["missing"] == [1, 2, 3]
+        b.request({"t": "get", "h": 5})
+        got = np.frombuffer(b.frames[0], dtype=np.float32).reshape(6, 4, order="F")
+        assert np.array_equal(got, w.reshape(4, 6).T)
+        b.request({"t": "op", "op": "aten::add_.Tensor", "a": [{"h": 5}, 1.0]})  # b's copy, not the cache's
+        c = RawClient(server.url)
+        c.hello()
+        assert c.request({"t": "adopt", "w": [[9, desc, codec.digest(buf)]]})["missing"] == []
+        c.request({"t": "get", "h": 9})
+        assert np.frombuffer(c.frames[0], dtype=np.float32).tobytes() == buf
+        c.close()
+        bad = b.request({"t": "adopt", "w": [[10, desc]]})
+        assert bad["t"] == "err"
+    finally:
+        a.close()
+        b.close()

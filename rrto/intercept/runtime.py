@@ -290,6 +290,8 @@ class Runtime:
         meta = TensorMeta(tuple(desc["sh"]), tuple(desc["st"]), 0, src.dtype)
         flat = torch.frombuffer(buf, dtype=torch.uint8).view(src.dtype) if len(buf) else torch.empty(0, dtype=src.dtype)
         storage = lineage.leaf(flat if private or weight else flat.clone(), meta, weight)
+        if weight:
+            self._weights.add(storage)
         if self.lost:
             out = self.local_tensor(meta)
             out._st = storage
@@ -313,8 +315,6 @@ class Runtime:
         out._st = storage
         if self.epoch:
             out._ep = self.epoch
-        if weight:
-            self._weights.add(storage)
         if dtype is not None and dtype != out.dtype:
             out = self.call(aten._to_copy.default, (out,), {"dtype": dtype})
         return out
@@ -509,8 +509,36 @@ class Runtime:
                                      handles_from=old.handles_used)
             self.streamer.pre_source = self.replayer.take_pre
         self.stats.reconnects += 1
+        self._adopt_weights()
         print(f"rrto: reconnected to {link.url} after {time.monotonic() - self._lost_at:.1f} s: offloading again",
               file=sys.stderr, flush=True)
+
+    def _adopt_weights(self) -> None:
+        """Give the new session the weights, by content digest where the server's cache still has them.
+
+        One round trip names them all; only those the cache lacks are uploaded again.
+        """
+        sts = [st for st in list(self._weights) if st.node.flat is not None and st.epoch != self.epoch]
+        if not sts or self.lost:
+            return
+        items, bufs = [], []
+        for st in sts:
+            desc, buf, _ = codec.tensor_frame(st.node.flat)
+            if st.digest is None or st.digest[0] is not st.node:
+                st.digest = (st.node, codec.digest(buf))
+            items.append([next(self._handles), desc, st.digest[1]])
+            bufs.append(buf)
+        try:
+            missing = set(self.streamer.request("adopt", w=items)["missing"])
+            for i, (st, item, buf) in enumerate(zip(sts, items, bufs)):
+                if i in missing:
+                    self.streamer.put(item[0], item[1], buf, wait_sent=True, cache=True)
+                st.h, st.epoch = item[0], self.epoch
+                weakref.finalize(st, self.release, item[0])
+        except LinkError as e:
+            self._lose(e)
+            return
+        self.stats.weights_adopted += len(items) - len(missing)
 
     def _revive(self, tensors: list) -> None:
         """Give tensors from before a reconnection a copy on the server (once each)."""

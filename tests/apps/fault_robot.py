@@ -89,8 +89,10 @@ def main():
     outs, walls = run(a.n, a.recurrent, a.pause, frames, net.cuda(), cell.cuda(), "cuda", log)
     expected, _ = run(a.n, a.recurrent, 0.0, frames, ref_net, ref_cell, "cpu", None)
     diff = [float((o - e).abs().max()) for o, e in zip(outs, expected)]
+    s = rrto.current().stats
+    stats = {k: getattr(s, k) for k in ("faults", "reconnects", "local_ops", "weights_adopted", "lineage_cuts")}
     print(json.dumps({"n": len(outs), "wrong": sum(d > 1e-5 for d in diff), "max_diff": max(diff),
-                      "walls": walls, "log": log}), flush=True)
+                      "walls": walls, "log": log, "stats": stats}), flush=True)
 
 
 if __name__ == "__main__":
