@@ -21,7 +21,8 @@ class UnsupportedOpError(RrtoError, NotImplementedError):
     """An operator the virtual cuda device (or the server's allowlist) does not support yet."""
 
 
-_KINDS = {"unsupported": UnsupportedOpError}
+# no_session: the server restarted (or closed the session) since: as good as lost, reconnect
+_KINDS = {"unsupported": UnsupportedOpError, "no_session": LinkLost}
 
 
 def remote_error(kind: str, message: str) -> RrtoError:

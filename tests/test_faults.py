@@ -81,7 +81,7 @@ def check_recovered(res: dict, err: str, n: int) -> None:
     lost = [e["i"] for e in log if e["lost"]]
     assert lost, "the app never ran locally"
     after = [e for e in log if e["i"] > lost[-1]]
-    assert len(after) >= 5 and not any(e["lost"] for e in after)
+    assert len(after) >= 3 and not any(e["lost"] for e in after), log
     assert after[-1]["sent"] > after[0]["sent"], "no messages after the reconnection"
     assert after[-1]["replayed"] > after[0]["replayed"], "replay did not engage again"
 
@@ -92,14 +92,13 @@ def test_kill_and_restart_the_server(tmp_path):
     url = f"tcp://127.0.0.1:{port}"
     server = ServerProcess("--listen", url)
     n = 50
-    robot = Robot(url, str(n), "--pause", "0.1")
+    robot = Robot(url, str(n), "--pause", "0.15")
     try:
-        robot.wait_iter(10)
+        robot.wait_iter(8)
         killed = time.monotonic()
         server.proc.send_signal(signal.SIGKILL)
         server.stop()
-        robot.wait_iter(15)
-        server = ServerProcess("--listen", url)
+        server = ServerProcess("--listen", url)  # the same port; it takes seconds to start
         res, err = robot.result()
     finally:
         robot.proc.kill()
@@ -109,7 +108,7 @@ def test_kill_and_restart_the_server(tmp_path):
     assert res["stats"]["weights_adopted"] == 0  # a fresh server has an empty cache: the bytes went again
     # no frame waited much longer than the fault timeout (the one that found the server gone)
     assert max(res["walls"][11:]) < FAULT_TIMEOUT + 1.5, max(res["walls"][11:])
-    assert robot.seen[15] - killed < FAULT_TIMEOUT + 5 * 0.1 + 3
+    assert robot.seen[12] - killed < FAULT_TIMEOUT + 4 * 0.15 + 3
 
 
 def test_recurrent_state_survives_a_kill():
@@ -118,12 +117,11 @@ def test_recurrent_state_survives_a_kill():
     url = f"tcp://127.0.0.1:{port}"
     server = ServerProcess("--listen", url)
     n = 40
-    robot = Robot(url, str(n), "--recurrent", "--pause", "0.1")
+    robot = Robot(url, str(n), "--recurrent", "--pause", "0.15")
     try:
-        robot.wait_iter(12)
+        robot.wait_iter(8)
         server.proc.send_signal(signal.SIGKILL)
         server.stop()
-        robot.wait_iter(16)
         server = ServerProcess("--listen", url)
         res, err = robot.result()
     finally:
@@ -191,11 +189,11 @@ def test_blocked_link():
     server = ServerProcess()
     relay = Relay(int(server.url.rsplit(":", 1)[1]))
     n = 50
-    robot = Robot(f"tcp://127.0.0.1:{relay.port}", str(n), "--pause", "0.1")
+    robot = Robot(f"tcp://127.0.0.1:{relay.port}", str(n), "--pause", "0.15")
     try:
         robot.wait_iter(10)
         relay.blocked.set()
-        robot.wait_iter(20)
+        robot.wait_iter(18)
         relay.blocked.clear()
         res, err = robot.result()
     finally:
