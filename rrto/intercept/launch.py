@@ -131,17 +131,18 @@ def _bootstrap_inner(thread):
 
 
 def enable(server: str | None = None, mode: str | None = None, *, stats: str | None = None,
-           timeout: float | None = None, fault_timeout: float | None = None, progress: bool | None = None, repeats: int | None = None,
-           server_key: str | None = None, robot_key: str | None = None) -> None:
+           timeout: float | None = None, progress: bool | None = None, repeats: int | None = None,
+           server_key: str | None = None, robot_key: str | None = None, fault_timeout: float | None = None) -> None:
     """Make "cuda" mean rrto's virtual device in this process.
 
     ``server``: ``tcp://host:port`` of an ``rrto-server``; None starts an embedded one.
     ``mode``: ``replay`` (default), ``eager``, ``rpc`` or ``local``. ``repeats``: replay
     adopts a sequence after it repeated this many times (default 2). ``server_key`` (the
     server's public key file) and ``robot_key`` (this robot's ``.key_secret`` file) make the
-    link CurveZMQ-encrypted, for a server started with ``--keys``. ``fault_timeout``: seconds of
-    server silence after which the app goes on on the robot's CPU while rrto reconnects. Unset arguments fall back
-    to the ``RRTO_SERVER``, ``RRTO_MODE``, ``RRTO_STATS``, ``RRTO_TIMEOUT``, ``RRTO_FAULT_TIMEOUT``, ``RRTO_REPEATS``,
+    link CurveZMQ-encrypted, for a server started with ``--keys``. ``fault_timeout`` (default
+    2): seconds of server silence after which the app goes on on the robot's CPU while rrto
+    reconnects in the background. Unset arguments fall back to the ``RRTO_SERVER``,
+    ``RRTO_MODE``, ``RRTO_STATS``, ``RRTO_TIMEOUT``, ``RRTO_FAULT_TIMEOUT``, ``RRTO_REPEATS``,
     ``RRTO_SERVER_KEY``, ``RRTO_ROBOT_KEY`` variables.
     """
     global _active
