@@ -271,3 +271,50 @@ def test_weight_cache_by_digest(server):
     finally:
         a.close()
         b.close()
+
+
+def test_values_after_a_loss_follow_views_and_in_place_writes():
+    """Tensors made on the server before it died are recomputed here from their recipes, views included."""
+    import torch
+
+    import rrto
+    server = ServerProcess()
+    rrto.enable(server=server.url, mode="eager", fault_timeout=0.5)
+    try:
+        g = torch.Generator().manual_seed(3)
+        a_cpu, b_cpu = torch.randn(4, 6, generator=g), torch.randn(6, 3, generator=g)
+
+        def work(dev):
+            a, b = a_cpu.to(dev), b_cpu.to(dev)
+            state = torch.zeros(2, 8, device=dev)
+            v = state[:, 2:6]  # a view, written through below
+            out = {}
+            for i in range(3):
+                m = (a @ b).relu_()
+                v.add_(m[:2, :3].sum(1, keepdim=True))
+                state[1].mul_(0.5)
+                t = torch.cat([m.t(), b.t()], 1)
+                t.index_put_((torch.tensor([0, 2], device=dev),), torch.ones(2, 10, device=dev) * i)
+                out[f"t{i}"] = t
+            out["state"], out["v"] = state, v
+            out["flat"] = state.view(-1)[3:11]  # a view made before the writes below
+            torch.add(a[:, :3], 1, out=out.setdefault("o", torch.empty(0, device=dev)))
+            state.clamp_(max=0.7)
+            out["mean"] = a.mean(0)
+            out["i8"] = (a * 10).to(torch.int8)
+            return out
+
+        expected = work("cpu")
+        got = work("cuda")
+        server.proc.send_signal(signal.SIGKILL)
+        server.stop()
+        for k, e in expected.items():  # the first download finds the server gone; the rest are made here
+            assert torch.equal(got[k].cpu(), e), k
+        assert rrto.current().runtime.lost
+        assert torch.equal((got["state"] * 2).cpu(), expected["state"] * 2)  # and ops go on here
+        again = work("cuda")  # all of it on this machine now: views, in-place writes, out= resizing
+        for k, e in expected.items():
+            assert again[k].device.type == "cuda" and torch.equal(again[k].cpu(), e), k
+        assert rrto.current().stats.local_ops > 20
+    finally:
+        rrto.disable()

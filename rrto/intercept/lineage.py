@@ -109,6 +109,11 @@ def shaped_info(func, sig, made: list, new: list) -> Lin:
 
 def record(lin: Lin, func, sig, tensors: list, made: list) -> int:
     """Give the op's outputs (``made``, flat) their recipe; returns its depth."""
+    return attach(node(lin, func, sig, tensors), tensors, made)
+
+
+def node(lin: Lin, func, sig, tensors: list) -> OpNode:
+    """The recipe of one op, made before its outputs (an in-place op may change an input's shape)."""
     refs, depth = [], 0
     for t in tensors:
         if type(t) is RemoteTensor:
@@ -118,8 +123,15 @@ def record(lin: Lin, func, sig, tensors: list, made: list) -> int:
             refs.append((v, t._meta))
         else:
             refs.append(t)
-    depth += 1
-    node = OpNode(func, sig, refs, lin)
+    n = OpNode(func, sig, refs, lin)
+    n.out = depth + 1  # its depth, until it runs
+    return n
+
+
+def attach(node: OpNode, tensors: list, made: list) -> int:
+    """Give the op's outputs (``made``, flat) and the inputs it writes their new versions; returns the depth."""
+    lin, depth = node.lin, node.out
+    node.out = None
     for k, m in lin.news:
         made[k]._st = Storage(Version(None, node, k, depth, m))
     for k, i in lin.views:

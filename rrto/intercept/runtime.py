@@ -147,16 +147,18 @@ class Runtime:
                 if step is not None:  # no message: the server runs it with the next one
                     base, handles, made = rep.base, [], []
                     fresh = iter([base + o for o in step.out_offsets if o is not None])
+                    node = self._lineage(plan, func, sig, tensors)
                     out = self._materialize(plan.template, tensors, handles, fresh, made)
-                    self._lineage(plan, func, sig, tensors, made)
+                    self._attach(node, tensors, made)
                     if rep.unstable:
                         rep.log_replayed(step, key, tensors, handles)
                     return out
         if plan.server_shapes:
             return self._run_server_shaped(func, plan, args, kwargs, tensors, key, sig)
         handles, made = [], []
+        node = self._lineage(plan, func, sig, tensors)
         out = self._materialize(plan.template, tensors, handles, self._handles, made)
-        self._lineage(plan, func, sig, tensors, made)
+        self._attach(node, tensors, made)
         try:
             self.streamer.op(plan.name, args, kwargs, handles)
         except LinkError as e:
@@ -197,11 +199,15 @@ class Runtime:
             return t(self._materialize(x, tensors, handles, fresh, made) for x in tpl)
         return tpl
 
-    def _lineage(self, plan: Plan, func, sig, tensors: list, made: list) -> None:
+    def _lineage(self, plan: Plan, func, sig, tensors: list) -> lineage.OpNode:
+        """The op's recipe, from its inputs as they are before it runs."""
         lin = plan.lin
         if lin is None:
             lin = plan.lin = lineage.info(func, sig, plan.template, tensors, Alias)
-        if lineage.record(lin, func, sig, tensors, made) > lineage.MAX_DEPTH:
+        return lineage.node(lin, func, sig, tensors)
+
+    def _attach(self, node: lineage.OpNode, tensors: list, made: list) -> None:
+        if lineage.attach(node, tensors, made) > lineage.MAX_DEPTH:
             self._deep += [weakref.ref(t) for t in made if type(t) is RemoteTensor]
 
     def _run_server_shaped(self, func, plan: Plan, args, kwargs, tensors: list, key, sig, step=None):
