@@ -163,12 +163,14 @@ def summary(s: dict) -> str:
 
 
 def _replay_summary(s: dict) -> str:
-    if s["mode"] != "replay":
+    if s["mode"] not in ("replay", "lop", "partition"):
         return ""
     if not s["sequence_found"]:
         return "; no repeating op sequence found (ran eagerly)"
+    lop = (f"; {s['lop_inferences']} in {s['lop_bands']} bands ({s['lop_robot_bands']} on the robot, "
+           f"cut at step {s['lop_depth']})" if s["mode"] in ("lop", "partition") else "")
     return (f"; replayed {s['replayed_inferences']} inferences of {s['sequence_length']} ops "
-            f"({s['messages_per_replayed_inference']} messages each), {s['replay_divergences']} divergences")
+            f"({s['messages_per_replayed_inference']} messages each), {s['replay_divergences']} divergences" + lop)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-MODES = ("replay", "eager", "rpc", "local")
+MODES = ("replay", "lop", "partition", "eager", "rpc", "local")
 MODE_HELP = {
     "replay": "record the per-inference op sequence, then replay it: one upload, one download per inference",
+    "lop": "replay, the input sent in row bands: the robot computes some bands of the first layers "
+           "while the others travel (local operator parallelism)",
+    "partition": "replay with the best single layer cut (Neurosurgeon-style baseline): the robot "
+                 "runs the first layers, the server the rest",
     "local": "no offload: 'cuda' is the robot's own CPU (for comparison)",
     "eager": "every op streams to the server; the robot waits only for data it needs",
     "rpc": "every op waits for the server's reply (the classic per-call remoting baseline)",

@@ -37,6 +37,11 @@ class Stats:
     local_ops: int = 0  # ops run on the robot's CPU while the server was lost
     lineage_cuts: int = 0  # long-lived tensors fetched so their local recipe stays short
     weights_adopted: int = 0  # re-uploads the server's weight cache answered by content digest
+    # lop
+    lop_inferences: int = 0  # replayed iterations whose input went up in bands
+    lop_depth: int = 0  # the plan: robot bands run steps [0, depth)
+    lop_bands: int = 0
+    lop_robot_bands: int = 0
     robot_torch: str = ""
     server_torch: str = ""
     server_device: str = ""

@@ -16,6 +16,7 @@ session (``epoch``): tensors from before are re-uploaded when an op first needs 
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import threading
 import time
@@ -76,9 +77,11 @@ class Runtime:
         self.allowed = frozenset(server_info.get("allowed", ()))
         self.streamer = EagerStreamer(link, _handle_of, wait_every_op=config.mode == "rpc")
         self.replayer: Replayer | None = None
-        if config.mode == "replay":
-            self.replayer = Replayer(stats, self._register, config.repeats, verbose=config.progress)
-            self.streamer.pre_source = self.replayer.take_pre
+        self.copies: dict | None = None  # lop: handle -> the robot's CPU copy of what it uploaded
+        self.lop = None
+        if config.mode in ("lop", "partition"):
+            self.copies = {}
+        self._new_replayer(None)
         self._warned_register = False
         # faults: lost is True while ops run on the robot's CPU; epoch counts server sessions
         self.lost, self.epoch = False, 0
@@ -164,6 +167,8 @@ class Runtime:
         except LinkError as e:
             self._lose(e)  # the outputs' recipes are recorded: their values can be made here
             return out
+        if self.copies is not None and func in _DERIVED and type(out) is RemoteTensor:
+            self._derive_copy(func, args, kwargs, out)
         if rep is not None:
             rep.record(self._event(plan, key, tensors, handles))
         return out
@@ -279,6 +284,23 @@ class Runtime:
             name = self._names[func] = f"{func._schema.name}.{func._overloadname}"
         return name
 
+    def _derive_copy(self, func, args, kwargs, out) -> None:
+        """lop: the robot's copy of ``out``, the same op run on the copies of its inputs."""
+        missing = []
+
+        def cpu(x):
+            if type(x) is RemoteTensor:
+                c = self.copies.get(x._h)
+                if c is None:
+                    missing.append(x)
+                return c
+            if isinstance(x, (list, tuple)):
+                return type(x)(cpu(y) for y in x)
+            return torch.device("cpu") if isinstance(x, torch.device) else x
+        a, k = cpu(args), {key: cpu(v) for key, v in kwargs.items()}
+        if not missing:
+            self.copies[out._h] = func(*a, **k)
+
     # -- data in and out ---------------------------------------------------------------
 
     def upload(self, src: torch.Tensor, dtype=None, memory_format=None, non_blocking=False) -> RemoteTensor:
@@ -309,9 +331,15 @@ class Runtime:
             step = rep.match(PUT, key, [], (True,))
         h = rep.base + step.out_offsets[0] if step is not None else next(self._handles)
         try:
-            self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking), cache=weight)
+            if step is not None and self.lop is not None and step is rep.program.steps[0] and \
+                    self.lop.upload(src, rep.base, self.streamer, rep):
+                pass  # sent as bands
+            else:
+                self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking), cache=weight)
         except LinkError as e:
             self._lose(e)
+        if self.copies is not None and step is None:
+            self.copies[h] = src
         if rep is not None and not self.lost:
             if step is None:
                 rep.record(Event(PUT, name_key(PUT), key, outs=(h,)))
@@ -358,6 +386,10 @@ class Runtime:
         return cpu
 
     def release(self, handle: int) -> None:
+        if self.copies is not None:
+            self.copies.pop(handle, None)
+            if self.lop.hold(handle):
+                return
         if not self.closed and not self.lost:
             self.streamer.free(handle)
 
@@ -407,6 +439,35 @@ class Runtime:
             elif rep.unstable:
                 rep.log_replayed(step, key, [], ())
 
+    def _new_replayer(self, handles_from: int | None) -> None:
+        """A replayer (and lop's band robot) for the current session: recording starts afresh."""
+        config = self.config
+        if config.mode not in ("replay", "lop", "partition"):
+            return
+        more = {} if handles_from is None else {"handles_from": handles_from}
+        self.replayer = Replayer(self.stats, self._register, config.repeats, verbose=config.progress, **more)
+        self.streamer.pre_source = self.replayer.take_pre
+        if config.mode in ("lop", "partition"):
+            from ..lop.planning import LossPlanner, default_speedup
+            from ..lop.robot import LopRobot
+            planner = None  # RRTO_LOP_PLANNER=fixed: lop.robot.default_plan, a fixed rule (tests)
+            if config.mode == "partition" or os.environ.get("RRTO_LOP_PLANNER", "loss") != "fixed":
+                planner = LossPlanner(self.copies, self._probe_link, default_speedup(self.info.get("device", "")),
+                                      layers_only=config.mode == "partition", verbose=config.progress)
+            self.lop = LopRobot(self.copies, self.stats, planner=planner, verbose=config.progress)
+            self.replayer.on_diverge = lambda pos: self.lop.diverged(pos, self.replayer, self.streamer)
+
+        """Seconds for one round trip carrying ``nbytes`` up (lop measures the link with these)."""
+        t0 = time.perf_counter()
+        if nbytes:
+            h = next(self._handles)
+            t = torch.zeros(nbytes, dtype=torch.uint8)
+            desc, buf, _ = codec.tensor_frame(t)
+            self.streamer.put(h, desc, buf, wait_sent=True)
+            self.streamer.free(h)
+        self.streamer.request("sync")
+        return time.perf_counter() - t0
+
     def memory_allocated(self) -> int:
         if not self.lost:
             try:
@@ -420,6 +481,13 @@ class Runtime:
         header, frames = program.spec()
         if drop is not None:
             header["drop"] = drop
+        if not self._register_spec(header, frames):
+            return False
+        if self.lop is not None:
+            self.replayer.reserve = self.lop.adopt(program, self._register_spec)
+        return True
+
+    def _register_spec(self, header: dict, frames: list) -> bool:
         try:
             self.streamer.register(header, frames)
         except LinkError as e:
@@ -510,10 +578,7 @@ class Runtime:
         self.epoch += 1
         self.lost = False
         if self.replayer is not None:  # record again: the new session knows no program
-            old = self.replayer
-            self.replayer = Replayer(self.stats, self._register, self.config.repeats, verbose=self.config.progress,
-                                     handles_from=old.handles_used)
-            self.streamer.pre_source = self.replayer.take_pre
+            self._new_replayer(self.replayer.handles_used)
         self.stats.reconnects += 1
         self._adopt_weights()
         print(f"rrto: reconnected to {link.url} after {time.monotonic() - self._lost_at:.1f} s: offloading again",
@@ -591,6 +656,13 @@ class Runtime:
 
 
 # -- special ops: data crossing between the robot and the virtual device ----------------
+
+# lop: tensors made from uploads by these ops get robot-side copies too (nn.Parameter(x) is a
+# detach of the upload; a normalisation constant is often a view of one)
+_DERIVED = frozenset((aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default,
+                      aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
+                      aten.permute.default, aten.t.default, aten.transpose.int, aten._to_copy.default))
+
 
 def _to_copy(rt: Runtime, func, args, kwargs):
     src, device = args[0], kwargs.get("device")

@@ -56,6 +56,12 @@ class Replayer:
         # runs now (another scalar, another model) can be found while the old one still half-matches.
         self.unstable = False
         self._folded: frozenset = frozenset()  # sync steps the program's next wait (a get) stands in for
+        # lop (--mode lop): steps [1, skip_to) of this iteration ran as bands, not on the server;
+        # ``reserve`` handles per iteration (band temporaries); ``on_diverge(pos)`` when the app
+        # leaves the program before skip_to, to make the skipped steps real.
+        self.skip_to = 0
+        self.reserve = 0
+        self.on_diverge = None
 
     @property
     def handles_used(self) -> int:
@@ -101,7 +107,7 @@ class Replayer:
         if self.pos == 0:
             self._begin()
         pos = self.pos
-        if kind == "op":
+        if kind == "op" and pos >= self.skip_to:
             run = self._run
             if run is None or run[3] != pos:
                 run = self._run = [prog.pid, self.base, pos, pos, []]
@@ -133,6 +139,16 @@ class Replayer:
         self.record(Event(ev.kind, ev.nkey, key, tuple(getattr(t, "_h", None) for t in tensors), ev.cpu,
                           tuple(outs), ev.wire, ev.frames, ev.shaped))
 
+    def add_run(self, pid: int, base: int, a: int, b: int) -> list:
+        """Queue a run of steps [a, b) of program ``pid`` (lop: the band program's)."""
+        run = [pid, base, a, b, []]
+        self._pending.append(run)
+        self._run = None
+        return run
+
+    def drop_run(self, run: list) -> None:
+        self._pending = [r for r in self._pending if r is not run]
+
     def take_pre(self) -> list | None:
         """The pending runs, for the message about to leave (the streamer asks before every send)."""
         if not self._pending:
@@ -142,7 +158,7 @@ class Replayer:
 
     def _begin(self) -> None:
         self.base = self._next_base
-        self._next_base += max(self.program.n_handles, 1)
+        self._next_base += max(self.program.n_handles, self.reserve, 1)
         self._shaped.clear()
         self._messages_at_start = self.stats.messages_sent
         if len(self.log) and not self.unstable:
@@ -151,6 +167,7 @@ class Replayer:
     def _end(self) -> None:
         self.pos = 0
         self._run = None
+        self.skip_to = 0
         self.stats.replayed_inferences += 1
         # the last step, if it is not a deferred op, is a message about to leave
         last_sends = self.program.steps[-1].kind != "op"
@@ -163,6 +180,9 @@ class Replayer:
                 print(f"rrto: replay diverged at step {self.pos} of {len(self.program.steps)} "
                       f"({step.name or step.kind} expected); running eagerly and recording again",
                       file=sys.stderr, flush=True)
+            if self.pos <= self.skip_to and self.on_diverge is not None:
+                self.on_diverge(self.pos)
+            self.skip_to = 0
             self.pos = 0
             self._run = None
             if not self.unstable:

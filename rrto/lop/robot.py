@@ -1,0 +1,215 @@
+"""The robot's side of ``--mode lop``: banded uploads of a replayed program's input.
+
+When the replayer adopts a program, ``adopt`` analyses its local chain, asks the
+planner for a BandPlan and registers the server's part of it (``bands.prefix``) as a
+program of its own. Then each replayed upload of the input becomes:
+
+1. the input slices of the server's bands go up first, and a no-reply message starts
+   the server on them;
+2. the robot computes its own bands on its CPU copies of the parameters, uploading
+   each result as soon as it is done (the link carries band i while the robot computes
+   band i+1);
+3. the stitch (``aten::cat`` on the rows) and then the program from the cut on run on
+   the server with the next message, as replay runs always do.
+
+The replayer skips steps [1, depth) (the bands computed them). If the app diverges
+inside them, ``diverged`` puts the full input up and runs the recorded steps the app
+had reached, so eager execution continues on exactly the tensors replay would have made.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Callable
+
+import torch
+
+from rrto import codec
+from rrto.record.program import Program
+
+from .analysis import Chain, analyse
+from .bands import Prefix, constants, input_rows, prefix, run_ops
+from .plan import BandPlan
+
+Planner = Callable[[Chain], "BandPlan | None"]
+
+
+def default_plan(chain: Chain, bands: int = 4, max_halo: float = 1.5) -> BandPlan | None:
+    """Until LOSS plans: ``bands`` even bands, the robot computes the top one, cut at the deepest
+    clean cut where the bands together read at most ``max_halo`` times the input's rows (deep
+    cuts make every band read nearly the whole input: halos grow with each layer's window)."""
+    cuts = [d for d in chain.cuts() if d > 1]
+    for n in range(bands, 1, -1):  # a small input: fewer, taller bands
+        for depth in reversed(cuts):
+            rows = chain.rows(chain.value_at(depth))
+            if rows < n:
+                continue
+            plan = BandPlan.even(depth, rows, (True,) + (False,) * (n - 1))
+            read = 0
+            for a, b, _ in plan.bands():
+                lo, hi = chain.need(depth, a, b)
+                read += hi - lo
+            if read <= max_halo * chain.input_rows:
+                return plan
+    return None
+
+
+class _Active:
+    __slots__ = ("pid", "chain", "plan", "prefix", "consts", "n_handles")
+
+    def __init__(self, pid: int, chain: Chain, plan: BandPlan, pre: Prefix, consts: list, n_handles: int):
+        self.pid, self.chain, self.plan, self.prefix, self.consts, self.n_handles = \
+            pid, chain, plan, pre, consts, n_handles
+
+
+class LopRobot:
+    def __init__(self, copies: dict, stats, planner: Planner | None = None, verbose: bool = False):
+        """``copies``: handle -> the robot's CPU copy of every tensor it uploaded (kept by the runtime)."""
+        self.copies, self.stats, self.verbose = copies, stats, verbose
+        self.planner = planner or default_plan
+        self.active: _Active | None = None
+        self._inflight: tuple | None = None  # (input, base, stitch run) of the iteration under way
+        # The stitched value is made by the band program's run and read by the main program's:
+        # a free from the app riding on the same message would leave it unbound between the two
+        # runs, so the robot holds that free back until the next iteration.
+        self._keep: int | None = None
+        self._held: list[int] = []
+        self._job: tuple | None = None  # (program, chain, register) being planned
+        self._ready: tuple | None = None  # (job, plan) from the planning thread
+        self._drop: int | None = None  # the previous band program, dropped when the next registers
+
+    # -- adoption ----------------------------------------------------------------------
+
+    def adopt(self, program: Program, register: Callable[[dict, list], bool]) -> int:
+        """Start planning ``program`` in the background; replay runs it whole meanwhile.
+
+        Planning profiles the chain and searches plans (tens to hundreds of ms): never on
+        the inference's path. The plan is registered at the first upload after it is ready,
+        and used from the iteration after that (whose handles it reserves).
+        """
+        if self.active is not None:
+            self._drop = self.active.pid
+        self.active, self._ready = None, None
+        chain = analyse(program)
+        if len(chain) <= 1:
+            self._say(f"no banded plan ({chain.ends}); replaying with a whole upload")
+            self._job = None
+            return program.n_handles
+        prepare = getattr(self.planner, "prepare", None)
+        if prepare is not None:
+            try:  # what must use the session's socket (link probes) runs here, on the app's thread
+                prepare()
+            except Exception as e:  # noqa: BLE001 - a lost link shows at the app's next request
+                self._job = None
+                self._say(f"could not measure the link ({type(e).__name__}: {e}); replaying with a whole upload")
+                return program.n_handles
+        self._job = job = (program, chain, register)
+        threading.Thread(target=self._plan, args=(job,), name="rrto-lop-plan", daemon=True).start()
+        return program.n_handles
+
+    def _plan(self, job: tuple) -> None:
+        try:
+            plan = self.planner(job[1])
+        except Exception as e:  # noqa: BLE001 - a planner bug must cost only the speed-up
+            self._say(f"planning failed ({type(e).__name__}: {e}); replaying with a whole upload")
+            plan = None
+        self._ready = (job, plan)
+
+    def _install(self, job: tuple, plan: BandPlan | None, replayer) -> None:
+        program, chain, register = job
+        why = chain.ends
+        if plan is not None and plan.depth > 1:
+            pre = prefix(chain, plan, program.n_handles)
+            missing = {h for _, bd in pre.results for st in bd.ops for h in _handles(st)} - self.copies.keys()
+            header = {"p": -program.pid, "steps": pre.steps, "in": list(program.descs)}
+            if self._drop is not None:
+                header["drop"], self._drop = self._drop, None
+            if missing:
+                why = f"the robot has no copy of {len(missing)} parameter(s) its bands need"
+            elif register(header, list(program.frames)):
+                self.active = _Active(-program.pid, chain, plan, pre, constants(program), program.n_handles)
+                replayer.reserve = pre.end
+                s = self.stats
+                s.lop_depth, s.lop_bands = plan.depth, plan.n_bands
+                s.lop_robot_bands = sum(plan.robot)
+                self._say(f"{len(chain)}-step local chain, cut at step {plan.depth} "
+                          f"({chain.rows(chain.value_at(plan.depth))} rows), {plan.n_bands} bands, "
+                          f"{sum(plan.robot)} on the robot")
+                return
+            else:
+                why = "the server refused the band program"
+        elif plan is not None:
+            why = "the planner chose full offload"
+        self._say(f"no banded plan ({why}); replaying with a whole upload")
+
+    def _say(self, msg: str) -> None:
+        if self.verbose:
+            print(f"rrto: lop: {msg}", file=sys.stderr, flush=True)
+
+    # -- one inference -------------------------------------------------------------------
+
+    def upload(self, x: torch.Tensor, base: int, streamer, replayer) -> bool:
+        """Send the input of a replayed iteration as bands; False: upload it whole as usual."""
+        ready = self._ready
+        if ready is not None and ready[0] is self._job:
+            self._ready = self._job = None
+            self._install(*ready, replayer)
+            return False  # this iteration's handles were counted without the bands: next one
+        act = self.active
+        if act is None or -act.pid != replayer.program.pid or tuple(x.shape) != act.chain.shapes[0] \
+                or x.dtype != act.chain.dtypes[0]:
+            return False
+        for h in self._held:
+            streamer.free(h)
+        self._held.clear()
+        pre = act.prefix
+        x = x.detach().clone()  # ours now: sent without waiting, and kept in case the app diverges
+        for off, lo, hi in pre.slices:
+            _put(streamer, base + off, input_rows(act.chain, x, lo, hi).contiguous())
+        if pre.slices:
+            replayer.add_run(act.pid, base, 0, pre.server_end)
+            streamer.notify("free")  # carries the run: the server starts on its bands now
+        with torch.no_grad():
+            for off, bd in pre.results:
+                t = run_ops(bd.ops, {0: input_rows(act.chain, x, bd.lo, bd.hi)}, self.copies, act.consts)[bd.out]
+                _put(streamer, base + off, t)
+        stitch = replayer.add_run(act.pid, base, pre.server_end, len(pre.steps))
+        replayer.skip_to = act.plan.depth
+        for o in range(act.n_handles, pre.end):  # band temporaries go with the next message, after the stitch
+            streamer.free(base + o)
+        self._inflight = (x, base, stitch)
+        self._keep = base + act.chain.offset_at(act.plan.depth)
+        self.stats.lop_inferences += 1
+        return True
+
+    def hold(self, handle: int) -> bool:
+        """True: the runtime must not free ``handle`` now (the robot frees it later)."""
+        if handle == self._keep:
+            self._held.append(handle)
+            self._keep = None
+            return True
+        return False
+
+    def diverged(self, pos: int, replayer, streamer) -> None:
+        """The app left the program at step ``pos`` <= depth: make steps [0, pos) real on the server."""
+        x, base, stitch = self._inflight
+        self._inflight = None
+        replayer.drop_run(stitch)
+        _put(streamer, base + replayer.program.steps[0].out_offsets[0], x)
+        replayer.add_run(replayer.program.pid, base, 1, pos)
+
+
+def _put(streamer, handle: int, t: torch.Tensor) -> None:
+    """Upload a tensor only this module holds: zmq may read it after we move on."""
+    desc, buf, _ = codec.tensor_frame(t)
+    streamer.put(handle, desc, buf, wait_sent=False)
+
+
+def _handles(x) -> list:
+    if type(x) is list:
+        return [h for y in x for h in _handles(y)]
+    if type(x) is dict:
+        if len(x) == 1 and "h" in x:
+            return [x["h"]]
+        return [h for y in x.values() for h in _handles(y)]
+    return []
