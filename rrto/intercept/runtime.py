@@ -457,6 +457,7 @@ class Runtime:
             self.lop = LopRobot(self.copies, self.stats, planner=planner, verbose=config.progress)
             self.replayer.on_diverge = lambda pos: self.lop.diverged(pos, self.replayer, self.streamer)
 
+    def _probe_link(self, nbytes: int) -> float:
         """Seconds for one round trip carrying ``nbytes`` up (lop measures the link with these)."""
         t0 = time.perf_counter()
         if nbytes:
