@@ -52,6 +52,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mode", choices=MODES, help="how ops reach the server (default: replay)")
     p.add_argument("--stats", metavar="PATH", help="write counters as JSON to PATH when the app exits")
     p.add_argument("--timeout", type=float, metavar="S", help="seconds to wait for any server reply (default 30)")
+    p.add_argument("--fault-timeout", type=float, metavar="S",
+                   help="seconds without any sign of life from the server (a reply, or the answer to a ping "
+                   "sent while waiting) after which it counts as lost: the app goes on on this machine's CPU "
+                   "and rrto reconnects in the background (default 2; RRTO_FAULT_TIMEOUT)")
     p.add_argument("--server-key", metavar="PATH",
                    help="the server's public key file (server.key): encrypt the link with CurveZMQ")
     p.add_argument("--robot-key", metavar="PATH",
@@ -105,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     import rrto  # after argument errors, so --help stays fast
 
     try:
-        rrto.enable(ns.server, ns.mode, stats=ns.stats, timeout=ns.timeout, progress=ns.progress,
+        rrto.enable(ns.server, ns.mode, stats=ns.stats, timeout=ns.timeout, fault_timeout=ns.fault_timeout,
+                    progress=ns.progress,
                     repeats=ns.repeats, server_key=ns.server_key, robot_key=ns.robot_key)
     except (rrto.RrtoError, ValueError) as e:
         print(f"rrto: {e}", file=sys.stderr)

@@ -24,8 +24,9 @@ import json
 from typing import Any, Callable
 
 import torch
+import xxhash
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 1 << 20
 MAX_DIMS = 32
 MAX_DEPTH = 32  # nesting of lists and objects in a header; real ones reach about 5
@@ -108,6 +109,23 @@ def contiguous_strides(shape) -> list[int]:
         strides.append(acc)
         acc *= max(n, 1)
     return strides[::-1]
+
+
+def digest(buf) -> str:
+    """The content digest of some bytes (xxh3-128): the server's weight cache is keyed by it."""
+    return xxhash.xxh3_128(buf).hexdigest()
+
+
+def dense_desc(shape, stride, numel: int) -> bool:
+    """True for a valid descriptor of a dense tensor of ``numel`` elements (a weight adopted by digest)."""
+    if not (_int_list(shape) and _int_list(stride) and len(shape) == len(stride) <= MAX_DIMS):
+        return False
+    if any(n < 0 for n in shape) or any(x < 0 for x in stride) or not is_dense(shape, stride):
+        return False
+    n = 1
+    for d in shape:
+        n *= d
+    return n == numel
 
 
 def is_dense(shape, stride) -> bool:

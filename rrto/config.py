@@ -23,6 +23,9 @@ class Config:
     mode: str = "replay"
     stats: str | None = None  # path of the JSON stats file written at exit
     timeout: float = 30.0  # seconds to wait for any reply before raising LinkError
+    # seconds of silence (no reply, no answer to a ping) after which the server counts as lost:
+    # the app then runs on the robot's CPU and rrto reconnects in the background
+    fault_timeout: float = 2.0
     progress: bool = False  # print a line per torch.cuda.synchronize()
     repeats: int = 2  # replay: adopt a sequence after it repeated this many times
     server_key: str | None = None  # the server's public key file: encrypt and authenticate the link
@@ -36,7 +39,7 @@ class Config:
             v = given.get(f.name)
             if v is None:
                 v = os.environ.get("RRTO_" + f.name.upper()) or None
-                if v is not None and f.name == "timeout":
+                if v is not None and f.name in ("timeout", "fault_timeout"):
                     v = float(v)
                 if v is not None and f.name == "repeats":
                     v = int(v)
@@ -56,6 +59,8 @@ class Config:
                              "rrto-server: give its address with --server URL too")
         if not cfg.timeout > 0:
             raise ValueError(f"rrto timeout must be a positive number of seconds, not {cfg.timeout!r}")
+        if not cfg.fault_timeout > 0:
+            raise ValueError(f"rrto fault timeout must be a positive number of seconds, not {cfg.fault_timeout!r}")
         return cfg
 
 

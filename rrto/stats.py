@@ -31,6 +31,12 @@ class Stats:
     replayed_inferences: int = 0
     replay_divergences: int = 0
     replay_messages: int = 0  # messages sent during replayed iterations
+    # faults: the server lost, the app run on the robot's CPU meanwhile, then offloading again
+    faults: int = 0
+    reconnects: int = 0
+    local_ops: int = 0  # ops run on the robot's CPU while the server was lost
+    lineage_cuts: int = 0  # long-lived tensors fetched so their local recipe stays short
+    weights_adopted: int = 0  # re-uploads the server's weight cache answered by content digest
     # lop
     lop_inferences: int = 0  # replayed iterations whose input went up in bands
     lop_depth: int = 0  # the plan: robot bands run steps [0, depth)

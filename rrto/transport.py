@@ -4,6 +4,11 @@ Messages that need no answer are sent and forgotten (zmq queues them); a request
 waits for its reply, matched by sequence number, never longer than the timeout.
 The session token from the hello handshake rides in every header. With curve keys
 the link is CurveZMQ: encrypted, and the server admits only robots it knows.
+
+A legitimate op may run long, a dead server never answers: while it waits, the link
+pings every ``fault_timeout / 4`` (the server's main thread answers pings at once,
+never queued behind the session's work) and raises ``LinkLost`` after
+``fault_timeout`` seconds without any message from the server.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import codec
-from .errors import LinkError, remote_error
+from .errors import LinkError, LinkLost, remote_error
 from .keys import CurveKeys
 from .stats import Stats
 
@@ -23,8 +28,11 @@ _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_
 
 
 class Link:
-    def __init__(self, url: str, timeout: float, stats: Stats, curve: CurveKeys | None = None):
+    def __init__(self, url: str, timeout: float, stats: Stats, curve: CurveKeys | None = None,
+                 fault_timeout: float = 2.0):
         self.url, self.timeout, self.stats, self.curve = url, timeout, stats, curve
+        self.fault_timeout = fault_timeout
+        self._ping = codec.pack({"t": "ping"})
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -43,10 +51,10 @@ class Link:
         self.session: str | None = None
         self.closed = False
 
-    def hello(self, info: dict) -> dict:
+    def hello(self, info: dict, timeout: float | None = None) -> dict:
         """Open a session; returns the server's description of itself."""
         try:
-            self._wait_handshake()
+            self._wait_handshake(self.timeout if timeout is None else timeout)
             reply, _ = self.request({"t": "hello", "v": codec.PROTOCOL_VERSION, **info}, what="the hello handshake")
         except LinkError as e:
             if "refused" in str(e):
@@ -66,13 +74,13 @@ class Link:
         self.session = reply["session"]
         return reply
 
-    def _wait_handshake(self) -> None:
+    def _wait_handshake(self, timeout: float) -> None:
         """Wait for the zmq handshake; a server that rejects it raises LinkError now, not after a timeout.
 
         zmq retries refused handshakes in the background forever, so without this a robot
         with the wrong key would only ever see a timeout.
         """
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if not self._monitor.poll(int(left * 1000) + 1):
                 break
@@ -125,17 +133,27 @@ class Link:
             seq = header["q"] = self._seq
             self.send(header, frames)
             self.stats.round_trips += 1
+            start = heard = time.monotonic()
+            every = int(self.fault_timeout * 250) + 1  # ms: four pings per fault timeout
             while True:
-                if not self._sock.poll(int(self.timeout * 1000)):
-                    raise LinkError(
-                        f"no reply from rrto-server at {self.url} within {self.timeout:g} s "
-                        f"(waiting for {what}). Is the server running and the link up? "
-                        "Set RRTO_TIMEOUT (seconds) to wait longer.")
+                if not self._sock.poll(every):
+                    now = time.monotonic()
+                    if now - heard > self.fault_timeout:
+                        raise LinkLost(f"no sign of life from it for {now - heard:.1f} s "
+                                       f"(waiting for {what})")
+                    if now - start > self.timeout:
+                        raise LinkError(
+                            f"no reply from rrto-server at {self.url} within {self.timeout:g} s "
+                            f"(waiting for {what}); it still answers pings, so an op is taking that long. "
+                            "Set RRTO_TIMEOUT (seconds) to wait longer.")
+                    self._sock.send_multipart(self._ping)
+                    continue
+                heard = time.monotonic()
                 msg = self._sock.recv_multipart(copy=False)
                 self.stats.bytes_received += sum(len(f) for f in msg)
                 reply, rframes = codec.unpack(msg)
                 if reply.get("q") != seq:
-                    continue  # the late answer to a request that already timed out
+                    continue  # a pong, or the late answer to a request that already timed out
                 if reply.get("t") == "err":
                     raise remote_error(reply.get("kind", ""), reply.get("msg", "unknown server error"))
                 return reply, rframes

@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="memory one robot's tensors may hold, MiB (default: %(default)s)")
     p.add_argument("--max-tensor-mb", type=int, default=4096,
                    help="largest single tensor, MiB (default: %(default)s)")
+    p.add_argument("--weight-cache-mb", type=int, default=512,
+                   help="content-addressed cache of robots' weights, shared by all sessions, MiB: a robot that "
+                   "reconnects sends digests instead of the bytes (default: %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=1800.0,
                    help="close a session silent this many seconds (default: %(default)s)")
     p.add_argument("--keys", metavar="DIR",
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    limits = Limits(max_session_bytes=args.max_session_mb << 20, max_tensor_bytes=args.max_tensor_mb << 20)
+    limits = Limits(max_session_bytes=args.max_session_mb << 20, max_tensor_bytes=args.max_tensor_mb << 20,
+                    weight_cache_bytes=args.weight_cache_mb << 20)
     try:
         daemon = Daemon(args.listen, device, limits, max_sessions=args.max_sessions,
                         idle_timeout=args.idle_timeout, exit_with_parent=args.exit_with_parent, keys=args.keys)

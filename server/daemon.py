@@ -20,11 +20,13 @@ import zmq
 from rrto import codec
 
 from .auth import CurveAuth
+from .cache import WeightCache
 from .ops import OpTable, SizeCheck, warm_up
 from .session import Limits, Session
 
 log = logging.getLogger("rrto.server")
 REPLIES = "inproc://rrto-replies"
+_PONG = codec.pack({"t": "pong"})[0]
 MAX_FRAMES = 1024  # tensor frames in one message: far more inline tensors than any op takes
 
 
@@ -38,6 +40,7 @@ class Daemon:
         self.ops = OpTable()
         self.sizes = SizeCheck(limits.max_tensor_bytes)
         self.sessions: dict[str, Session] = {}
+        self.cache = WeightCache(limits.weight_cache_bytes)
         self.closing: list[Session] = []  # ended sessions whose worker has not let go of its tensors yet
         self.stopping = False
         self.ctx = zmq.Context()
@@ -149,6 +152,9 @@ class Daemon:
             self._error(identity, e.q, "bad_request", f"malformed message: {e}")
             return
         q, t = header.get("q"), header.get("t")
+        if t == "ping":  # answered here, never queued behind a session's work: the robot's sign of life
+            self.router.send_multipart([identity, _PONG])
+            return
         if t == "hello":
             self._hello(identity, header, msg[0])
             return
@@ -183,8 +189,12 @@ class Daemon:
         if len(self.sessions) >= self.max_sessions:
             self._error(identity, q, "busy", f"server is full ({self.max_sessions} sessions); try again later")
             return
+        drop = header.get("drop")
+        if isinstance(drop, str) and drop in self.sessions:  # knowing the token proves it was this robot's
+            log.info("session %s replaced by the robot that held it (it reconnected)", drop[:8])
+            self._end(drop)
         token = secrets.token_hex(16)
-        s = Session(token, identity, self.device, self.limits, self.ops, self.sizes, self._reply_socket)
+        s = Session(token, identity, self.device, self.limits, self.ops, self.sizes, self._reply_socket, self.cache)
         self.sessions[token] = s
         s.start()
         try:

@@ -21,6 +21,7 @@ import torch
 
 from rrto import codec
 
+from .cache import WeightCache
 from .ops import OpError, OpInfo, OpTable, OutputMeta, SizeCheck, flat_tensors, short_error
 from .program import MAX_PROGRAMS, Program
 
@@ -35,12 +36,14 @@ class Limits:
     max_session_bytes: int = 8 << 30
     max_tensor_bytes: int = 4 << 30
     max_handles: int = 1_000_000
+    weight_cache_bytes: int = 512 << 20  # the content-addressed weight cache, shared by all sessions
 
 
 class Session:
     def __init__(self, token: str, identity: bytes, device: torch.device, limits: Limits,
-                 ops: OpTable, sizes: SizeCheck, reply_socket):
+                 ops: OpTable, sizes: SizeCheck, reply_socket, cache: WeightCache | None = None):
         self.token, self.identity, self.device, self.limits = token, identity, device, limits
+        self.cache = cache
         self.ops, self.sizes, self._reply_socket = ops, sizes, reply_socket
         self.handles: dict[int, torch.Tensor] = {}
         self.unusable: dict[int, str] = {}  # handles whose op output could not be given to the robot
@@ -141,10 +144,16 @@ class Session:
         if t == "op":
             return self._op(h, frames)
         if t == "put":
-            src = codec.frame_tensor(h.get("d"), _frame(frames, 0), self.limits.max_tensor_bytes)
+            frame = _frame(frames, 0)
+            src = codec.frame_tensor(h.get("d"), frame, self.limits.max_tensor_bytes)
             self._reserve(src.numel() * src.element_size())
-            self._bind(h.get("h"), self.to_device(src))
+            dev = self.to_device(src)
+            self._bind(h.get("h"), dev)
+            if h.get("c") == 1 and self.cache is not None:  # a weight: kept by content for reconnections
+                self.cache.add(h["d"]["dt"], frame.buffer if hasattr(frame, "buffer") else frame, dev)
             return {}, []
+        if t == "adopt":
+            return self._adopt(h.get("w")), []
         if t == "get":
             return self._get(self.tensor(h.get("h")))
         if t == "sync":
@@ -164,6 +173,27 @@ class Session:
         if t in ("free", "bye"):
             return {}, []
         raise OpError(f"unknown request type {str(t)[:40]!r}")
+
+    def _adopt(self, items) -> dict:
+        """Bind weights the robot names by digest from the cache: [[handle, descriptor, digest], ...].
+
+        Replies with the positions the cache does not hold: the robot uploads those.
+        """
+        if type(items) is not list or len(items) > 100_000:
+            raise OpError("'w' must be a list of [handle, descriptor, digest]")
+        missing = []
+        for i, item in enumerate(items):
+            if type(item) is not list or len(item) != 3 or type(item[1]) is not dict or type(item[2]) is not str:
+                raise OpError("an adopted weight is [handle, descriptor, digest]")
+            hd, desc, dg = item
+            shape, stride = desc.get("sh"), desc.get("st")
+            flat = self.cache.get(desc.get("dt"), dg) if self.cache is not None else None
+            if flat is None or not codec.dense_desc(shape, stride, flat.numel()):
+                missing.append(i)
+                continue
+            self._reserve(flat.numel() * flat.element_size())
+            self._bind(hd, flat.clone().as_strided(shape, stride, 0))
+        return {"missing": missing}
 
     def _op(self, h: dict, frames: list) -> tuple[dict, list]:
         info = self.ops.resolve(h.get("op"))

@@ -46,6 +46,8 @@ class Offload:
             if config.mode != "local":
                 info = self._connect()
                 self.runtime = Runtime(config, self.link, info, self.stats)
+                url = self.link.url
+                self.runtime.reopen = lambda drop: self._open_link(url, drop)
                 self.restore_backend = cuda_backend.install(self.runtime)
             self.restore_cuda = cuda_shim.install(self.runtime, info)
             self.thread = threading.get_ident()
@@ -65,12 +67,23 @@ class Offload:
             self.embedded = EmbeddedServer()
             url = self.embedded.url
         self.stats.server, self.stats.embedded_server = url, self.embedded is not None
-        curve = curve_keys(self.config.server_key, self.config.robot_key)  # none for the embedded server
-        self.link = Link(url, self.config.timeout, self.stats, curve=curve)
-        info = self.link.hello({"torch": torch.__version__, "mode": self.config.mode,
-                                "python": sys.version.split()[0]})
+        self.link, info = self._open_link(url)
         self.stats.server_torch, self.stats.server_device = info.get("torch", ""), info.get("device", "")
         return info
+
+    def _open_link(self, url: str, drop: str | None = None) -> tuple[Link, dict]:
+        """A link with an open session; ``drop``: the session it replaces (after a fault)."""
+        c = self.config
+        curve = curve_keys(c.server_key, c.robot_key)  # none for the embedded server
+        link = Link(url, c.timeout, self.stats, curve=curve, fault_timeout=c.fault_timeout)
+        hello = {"torch": torch.__version__, "mode": c.mode, "python": sys.version.split()[0]}
+        try:
+            if drop is None:
+                return link, link.hello(hello)
+            return link, link.hello({**hello, "drop": drop}, timeout=c.fault_timeout)
+        except BaseException:
+            link.close(linger=0)
+            raise
 
     def push_mode(self) -> DeviceFunctionMode:
         """Push the device function mode on the calling thread (modes are per thread)."""
@@ -98,6 +111,8 @@ class Offload:
                 self.stats.write(self.config.stats)
 
     def _close_link(self) -> None:
+        if self.runtime is not None and self.runtime.link is not self.link:  # it reconnected after a fault
+            self.runtime.link.close()
         if self.link is not None:
             self.link.close()
         if self.embedded is not None:
@@ -117,22 +132,25 @@ def _bootstrap_inner(thread):
 
 def enable(server: str | None = None, mode: str | None = None, *, stats: str | None = None,
            timeout: float | None = None, progress: bool | None = None, repeats: int | None = None,
-           server_key: str | None = None, robot_key: str | None = None) -> None:
+           server_key: str | None = None, robot_key: str | None = None, fault_timeout: float | None = None) -> None:
     """Make "cuda" mean rrto's virtual device in this process.
 
     ``server``: ``tcp://host:port`` of an ``rrto-server``; None starts an embedded one.
     ``mode``: ``replay`` (default), ``eager``, ``rpc`` or ``local``. ``repeats``: replay
     adopts a sequence after it repeated this many times (default 2). ``server_key`` (the
     server's public key file) and ``robot_key`` (this robot's ``.key_secret`` file) make the
-    link CurveZMQ-encrypted, for a server started with ``--keys``. Unset arguments fall back
-    to the ``RRTO_SERVER``, ``RRTO_MODE``, ``RRTO_STATS``, ``RRTO_TIMEOUT``, ``RRTO_REPEATS``,
+    link CurveZMQ-encrypted, for a server started with ``--keys``. ``fault_timeout`` (default
+    2): seconds of server silence after which the app goes on on the robot's CPU while rrto
+    reconnects in the background. Unset arguments fall back to the ``RRTO_SERVER``,
+    ``RRTO_MODE``, ``RRTO_STATS``, ``RRTO_TIMEOUT``, ``RRTO_FAULT_TIMEOUT``, ``RRTO_REPEATS``,
     ``RRTO_SERVER_KEY``, ``RRTO_ROBOT_KEY`` variables.
     """
     global _active
     with _enable_lock:
         if _active is not None:
             raise RrtoError("rrto is already enabled; call rrto.disable() first")
-        config = Config.resolve(server=server, mode=mode, stats=stats, timeout=timeout, progress=progress,
+        config = Config.resolve(server=server, mode=mode, stats=stats, timeout=timeout,
+                                fault_timeout=fault_timeout, progress=progress,
                                 repeats=repeats, server_key=server_key, robot_key=robot_key)
         _active = Offload(config)
         threading.Thread._bootstrap_inner = _bootstrap_inner

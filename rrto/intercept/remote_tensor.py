@@ -25,6 +25,8 @@ class RemoteTensor(torch.Tensor):
     _rt: "object"  # the Runtime that owns the handle
     _h: int
     _meta: TensorMeta
+    _st = None  # its lineage.Storage: how the robot gets its value without the server
+    _ep = 0  # the server session (epoch) its handle belongs to; -1: made on the robot, no handle
 
     # Python-level calls go straight to C++ and surface again as aten ops in __torch_dispatch__.
     __torch_function__ = torch._C._disabled_torch_function_impl

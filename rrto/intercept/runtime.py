@@ -6,6 +6,12 @@ strides, dtypes and scalar arguments) and caches the resulting *plan*: which out
 are new tensors with which metadata, which alias an input (in-place ops), or that
 the op's outputs depend on data (``nonzero``, ``item()``), in which case the server
 runs it and replies with what came out. Then the op goes to the eager streamer.
+
+Faults: every op also leaves a recipe for its outputs' values (``lineage``). When
+the server is lost (``LinkError``), the runtime warns once, runs every op on the
+robot's CPU from those values, and reconnects in the background; at the next
+inference boundary (an upload, a download, a synchronize) it offloads again, a new
+session (``epoch``): tensors from before are re-uploaded when an op first needs them.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +28,13 @@ import torch
 
 from .. import codec
 from ..config import Config
-from ..errors import RemoteError, RrtoError, UnsupportedOpError
+from ..errors import LinkError, RemoteError, RrtoError, UnsupportedOpError
 from ..record import GET, OP, PUT, SEED, SYNC, Event, name_key
 from ..replay.replayer import Replayer, cpu_bytes
 from ..replay.streamer import EagerStreamer
 from ..stats import Stats
 from ..transport import Link
+from . import lineage
 from .remote_tensor import RemoteTensor, TensorMeta
 
 aten = torch.ops.aten
@@ -36,6 +44,7 @@ _CPU_ARGS_OK = {aten.copy_.default, aten.index.Tensor, aten.index_put.default, a
                 aten._index_put_impl_.default}
 _MAX_PLANS = 100_000
 _NAMED_OUTPUTS = 256  # handle block for outputs only the server can size (see server MAX_NAMED_OUTPUTS)
+RECONNECT_EVERY = 0.5  # seconds between reconnection attempts after a fault
 
 
 class Alias:
@@ -59,6 +68,7 @@ class Plan:
     uploads: int = 0  # CPU tensors that travel inline with the op
     pattern: tuple | None = None  # per output: new tensor (True) or an input given back (False)
     nkey: int = 0  # the op log's level-1 key
+    lin: Any = None  # lineage.Lin: how its outputs' values follow from its inputs' (made on first use)
 
 
 class Runtime:
@@ -69,20 +79,18 @@ class Runtime:
         self.replayer: Replayer | None = None
         self.copies: dict | None = None  # lop: handle -> the robot's CPU copy of what it uploaded
         self.lop = None
-        if config.mode in ("replay", "lop", "partition"):
-            self.replayer = Replayer(stats, self._register, config.repeats, verbose=config.progress)
-            self.streamer.pre_source = self.replayer.take_pre
         if config.mode in ("lop", "partition"):
-            from ..lop.planning import LossPlanner, default_speedup
-            from ..lop.robot import LopRobot
             self.copies = {}
-            planner = None  # RRTO_LOP_PLANNER=fixed: lop.robot.default_plan, a fixed rule (tests)
-            if config.mode == "partition" or os.environ.get("RRTO_LOP_PLANNER", "loss") != "fixed":
-                planner = LossPlanner(self.copies, self._probe_link, default_speedup(server_info.get("device", "")),
-                                      layers_only=config.mode == "partition", verbose=config.progress)
-            self.lop = LopRobot(self.copies, stats, planner=planner, verbose=config.progress)
-            self.replayer.on_diverge = lambda pos: self.lop.diverged(pos, self.replayer, self.streamer)
+        self._new_replayer(None)
         self._warned_register = False
+        # faults: lost is True while ops run on the robot's CPU; epoch counts server sessions
+        self.lost, self.epoch = False, 0
+        self.reopen = None  # (dropped session token) -> (Link, hello reply): set by the launcher
+        self._fresh: tuple | None = None  # a reconnected (link, info), taken at the next inference boundary
+        self._reconnector: threading.Thread | None = None
+        self._lost_at = 0.0
+        self._deep: list = []  # weak refs to tensors whose recipe grew long: fetched at the next wait
+        self._weights: weakref.WeakSet = weakref.WeakSet()  # storages of uploaded parameters
         self._handles = itertools.count(1)
         self._blocks = itertools.count(2**52, _NAMED_OUTPUTS)
         self._plans: dict = {}
@@ -108,7 +116,12 @@ class Runtime:
             if out is not NotImplemented:
                 return out
         tensors: list = []
-        key = (func, _sig(args, tensors), _sig(kwargs, tensors) if kwargs else None)
+        sig = key = (func, _sig(args, tensors), _sig(kwargs, tensors) if kwargs else None)
+        if self.epoch and not self.lost:
+            self._revive(tensors)
+        if self.lost:
+            self.stats.local_ops += 1
+            return lineage.run_here(self, func, sig, tensors)
         try:
             plan = self._plans.get(key)
         except TypeError:  # an unhashable argument: plan without caching
@@ -123,7 +136,7 @@ class Runtime:
         else:
             self.stats.meta_cache_hits += 1
         if plan.local:
-            return self._materialize(plan.template, tensors, [], self._handles)
+            return self._materialize(plan.template, tensors, [], self._handles, [])
         if plan.uploads:
             self.stats.uploads += plan.uploads
         rep = self.replayer
@@ -131,21 +144,29 @@ class Runtime:
             if plan.server_shapes:
                 step = rep.match("shaped", key, tensors, None)
                 if step is not None:
-                    return self._run_server_shaped(func, plan, args, kwargs, tensors, key, step)
+                    return self._run_server_shaped(func, plan, args, kwargs, tensors, key, sig, step)
             else:
                 step = rep.match(OP, key, tensors, plan.pattern)
                 if step is not None:  # no message: the server runs it with the next one
-                    base, handles = rep.base, []
+                    base, handles, made = rep.base, [], []
                     fresh = iter([base + o for o in step.out_offsets if o is not None])
-                    out = self._materialize(plan.template, tensors, handles, fresh)
+                    node = self._lineage(plan, func, sig, tensors)
+                    out = self._materialize(plan.template, tensors, handles, fresh, made)
+                    self._attach(node, tensors, made)
                     if rep.unstable:
                         rep.log_replayed(step, key, tensors, handles)
                     return out
         if plan.server_shapes:
-            return self._run_server_shaped(func, plan, args, kwargs, tensors, key)
-        handles: list = []
-        out = self._materialize(plan.template, tensors, handles, self._handles)
-        self.streamer.op(plan.name, args, kwargs, handles)
+            return self._run_server_shaped(func, plan, args, kwargs, tensors, key, sig)
+        handles, made = [], []
+        node = self._lineage(plan, func, sig, tensors)
+        out = self._materialize(plan.template, tensors, handles, self._handles, made)
+        self._attach(node, tensors, made)
+        try:
+            self.streamer.op(plan.name, args, kwargs, handles)
+        except LinkError as e:
+            self._lose(e)  # the outputs' recipes are recorded: their values can be made here
+            return out
         if self.copies is not None and func in _DERIVED and type(out) is RemoteTensor:
             self._derive_copy(func, args, kwargs, out)
         if rep is not None:
@@ -158,26 +179,50 @@ class Runtime:
         return Event(OP, plan.nkey, key, tuple(_handle_of(t) for t in tensors), cpu, tuple(outs),
                      self.streamer.last_header, tuple(b for b in cpu if b is not None), shaped)
 
-    def _materialize(self, tpl, tensors: list, handles: list, fresh):
-        """The op's result from its template; new tensors take their handles from ``fresh``."""
+    def _materialize(self, tpl, tensors: list, handles: list, fresh, made: list):
+        """The op's result from its template; new tensors take their handles from ``fresh``.
+
+        ``made`` collects the result's tensors in order (for their lineage).
+        """
         t = type(tpl)
         if t is TensorMeta:
             h = next(fresh)
             handles.append(h)
-            return RemoteTensor(tpl, h, self)
+            out = RemoteTensor(tpl, h, self)
+            if self.epoch:
+                out._ep = self.epoch
+            made.append(out)
+            return out
         if t is Alias:
             handles.append(None)
             out = tensors[tpl.index]
             if tpl.meta is not None:
                 _set_meta(out, tpl.meta)
+            made.append(out)
             return out
         if t is tuple or t is list:
-            return t(self._materialize(x, tensors, handles, fresh) for x in tpl)
+            return t(self._materialize(x, tensors, handles, fresh, made) for x in tpl)
         return tpl
 
-    def _run_server_shaped(self, func, plan: Plan, args, kwargs, tensors: list, key, step=None):
+    def _lineage(self, plan: Plan, func, sig, tensors: list) -> lineage.OpNode:
+        """The op's recipe, from its inputs as they are before it runs."""
+        lin = plan.lin
+        if lin is None:
+            lin = plan.lin = lineage.info(func, sig, plan.template, tensors, Alias)
+        return lineage.node(lin, func, sig, tensors)
+
+    def _attach(self, node: lineage.OpNode, tensors: list, made: list) -> None:
+        if lineage.attach(node, tensors, made) > lineage.MAX_DEPTH:
+            self._deep += [weakref.ref(t) for t in made if type(t) is RemoteTensor]
+
+    def _run_server_shaped(self, func, plan: Plan, args, kwargs, tensors: list, key, sig, step=None):
         base = next(self._blocks)
-        reply = self.streamer.op(plan.name, args, kwargs, [], wait=True, out_base=base)
+        try:
+            reply = self.streamer.op(plan.name, args, kwargs, [], wait=True, out_base=base)
+        except LinkError as e:
+            self._lose(e)
+            self.stats.local_ops += 1
+            return lineage.run_here(self, func, sig, tensors)
         header = self.streamer.last_header
         outs, handles = [], []
         for i, m in enumerate(reply.get("m", [])):
@@ -186,8 +231,13 @@ class Runtime:
                 handles.append(None)
             else:
                 meta = TensorMeta(tuple(m[0]), tuple(m[1]), m[2], codec.dtype_of(m[3]))
-                outs.append(RemoteTensor(meta, base + i, self))
+                out = RemoteTensor(meta, base + i, self)
+                if self.epoch:
+                    out._ep = self.epoch
+                outs.append(out)
                 handles.append(base + i)
+        lin = lineage.shaped_info(func, sig, outs, [h is not None for h in handles])
+        lineage.record(lin, func, sig, tensors, outs)
         rep = self.replayer
         if step is not None:
             rep.shaped_outputs(tuple(handles))
@@ -256,6 +306,9 @@ class Runtime:
     def upload(self, src: torch.Tensor, dtype=None, memory_format=None, non_blocking=False) -> RemoteTensor:
         """A CPU tensor's copy on the virtual device (``x.cuda()``, ``x.to("cuda")``)."""
         self.stats.uploads += 1
+        if self._fresh is not None:
+            self._resume()  # an inference boundary: offload again
+        weight = isinstance(src, torch.nn.Parameter)  # kept by reference: the app drops its CPU copy
         src = src.detach()
         if dtype is not None and dtype != src.dtype and dtype.itemsize <= src.dtype.itemsize:
             src, dtype = aten._to_copy.default(src, dtype=dtype), None  # narrowing: convert before sending
@@ -263,24 +316,39 @@ class Runtime:
             src = src.contiguous(memory_format=memory_format)
         desc, buf, private = codec.tensor_frame(src)
         meta = TensorMeta(tuple(desc["sh"]), tuple(desc["st"]), 0, src.dtype)
+        flat = torch.frombuffer(buf, dtype=torch.uint8).view(src.dtype) if len(buf) else torch.empty(0, dtype=src.dtype)
+        storage = lineage.leaf(flat if private or weight else flat.clone(), meta, weight)
+        if weight:
+            self._weights.add(storage)
+        if self.lost:
+            out = self.local_tensor(meta)
+            out._st = storage
+            return out if dtype is None or dtype == out.dtype else self.call(aten._to_copy.default, (out,),
+                                                                             {"dtype": dtype})
         rep, step = self.replayer, None
         key = (PUT, meta)
         if rep is not None and rep.program is not None:
             step = rep.match(PUT, key, [], (True,))
         h = rep.base + step.out_offsets[0] if step is not None else next(self._handles)
-        if step is not None and self.lop is not None and step is rep.program.steps[0] and \
-                self.lop.upload(src, rep.base, self.streamer, rep):
-            pass  # sent as bands
-        else:
-            self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking))
+        try:
+            if step is not None and self.lop is not None and step is rep.program.steps[0] and \
+                    self.lop.upload(src, rep.base, self.streamer, rep):
+                pass  # sent as bands
+            else:
+                self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking), cache=weight)
+        except LinkError as e:
+            self._lose(e)
         if self.copies is not None and step is None:
             self.copies[h] = src
-        if rep is not None:
+        if rep is not None and not self.lost:
             if step is None:
                 rep.record(Event(PUT, name_key(PUT), key, outs=(h,)))
             elif rep.unstable:
                 rep.log_replayed(step, key, [], (h,))
         out = RemoteTensor(meta, h, self)
+        out._st = storage
+        if self.epoch:
+            out._ep = self.epoch
         if dtype is not None and dtype != out.dtype:
             out = self.call(aten._to_copy.default, (out,), {"dtype": dtype})
         return out
@@ -290,11 +358,20 @@ class Runtime:
         if self.closed:
             raise RrtoError("this tensor belongs to an rrto session that has ended (rrto.disable() was called)")
         self.stats.downloads += 1
+        if self.lost or t._ep != self.epoch:  # the value is (or can be made) here
+            cpu = lineage.value(t).clone()
+            if self._fresh is not None:
+                self._resume()
+            return cpu
         rep, step = self.replayer, None
         key = (GET, t._meta)
         if rep is not None and rep.program is not None:
             step = rep.match(GET, key, [t])
-        desc, frame = self.streamer.get(t._h, what=f"the download of a {list(t.shape)} {t.dtype} tensor")
+        try:
+            desc, frame = self.streamer.get(t._h, what=f"the download of a {list(t.shape)} {t.dtype} tensor")
+        except LinkError as e:
+            self._lose(e)
+            return lineage.value(t).clone()
         if rep is not None:
             if step is None:
                 rep.record(Event(GET, name_key(GET), key, handles=(t._h,)))
@@ -304,6 +381,8 @@ class Runtime:
         if tuple(cpu.shape) != tuple(t.shape) or cpu.dtype != t.dtype:
             raise RrtoError(f"rrto internal error: the server holds a {list(cpu.shape)} {cpu.dtype} tensor "
                             f"where the robot expected {list(t.shape)} {t.dtype}")
+        if self._deep:
+            self._cut_deep()
         return cpu
 
     def release(self, handle: int) -> None:
@@ -311,18 +390,28 @@ class Runtime:
             self.copies.pop(handle, None)
             if self.lop.hold(handle):
                 return
-        if not self.closed:
+        if not self.closed and not self.lost:
             self.streamer.free(handle)
 
     # -- torch.cuda answers --------------------------------------------------------------
 
     def synchronize(self) -> None:
         self.stats.syncs += 1
+        if self.lost:
+            if self._fresh is not None:
+                self._resume()
+            return
         rep, step = self.replayer, None
         if rep is not None and rep.program is not None:
             step = rep.match(SYNC, (SYNC,), [])
         if step is None or not rep.sync_folded():
-            self.streamer.request("sync")
+            try:
+                self.streamer.request("sync")
+            except LinkError as e:
+                self._lose(e)
+                return
+        if self._deep:
+            self._cut_deep()
         if rep is not None:
             if step is None:
                 rep.record(Event(SYNC, name_key(SYNC), (SYNC,)))
@@ -333,16 +422,40 @@ class Runtime:
 
     def seed(self, seed: int) -> None:
         seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+        if self.lost:
+            return  # ops run here now, on the robot's own generator
         rep, step = self.replayer, None
         key = (SEED, seed)
         if rep is not None and rep.program is not None:
             step = rep.match(SEED, key, [])
-        self.streamer.notify("seed", seed=seed)
+        try:
+            self.streamer.notify("seed", seed=seed)
+        except LinkError as e:
+            self._lose(e)
+            return
         if rep is not None:
             if step is None:
                 rep.record(Event(SEED, name_key(SEED), key))
             elif rep.unstable:
                 rep.log_replayed(step, key, [], ())
+
+    def _new_replayer(self, handles_from: int | None) -> None:
+        """A replayer (and lop's band robot) for the current session: recording starts afresh."""
+        config = self.config
+        if config.mode not in ("replay", "lop", "partition"):
+            return
+        more = {} if handles_from is None else {"handles_from": handles_from}
+        self.replayer = Replayer(self.stats, self._register, config.repeats, verbose=config.progress, **more)
+        self.streamer.pre_source = self.replayer.take_pre
+        if config.mode in ("lop", "partition"):
+            from ..lop.planning import LossPlanner, default_speedup
+            from ..lop.robot import LopRobot
+            planner = None  # RRTO_LOP_PLANNER=fixed: lop.robot.default_plan, a fixed rule (tests)
+            if config.mode == "partition" or os.environ.get("RRTO_LOP_PLANNER", "loss") != "fixed":
+                planner = LossPlanner(self.copies, self._probe_link, default_speedup(self.info.get("device", "")),
+                                      layers_only=config.mode == "partition", verbose=config.progress)
+            self.lop = LopRobot(self.copies, self.stats, planner=planner, verbose=config.progress)
+            self.replayer.on_diverge = lambda pos: self.lop.diverged(pos, self.replayer, self.streamer)
 
     def _probe_link(self, nbytes: int) -> float:
         """Seconds for one round trip carrying ``nbytes`` up (lop measures the link with these)."""
@@ -357,7 +470,12 @@ class Runtime:
         return time.perf_counter() - t0
 
     def memory_allocated(self) -> int:
-        return int(self.streamer.request("mem")["allocated"])
+        if not self.lost:
+            try:
+                return int(self.streamer.request("mem")["allocated"])
+            except LinkError as e:
+                self._lose(e)
+        return 0
 
     def _register(self, program, drop: int | None) -> bool:
         """Send an adopted program to the server; False (and eager from then on) if it refuses."""
@@ -373,6 +491,9 @@ class Runtime:
     def _register_spec(self, header: dict, frames: list) -> bool:
         try:
             self.streamer.register(header, frames)
+        except LinkError as e:
+            self._lose(e)
+            return False
         except RemoteError as e:
             if not self._warned_register:
                 self._warned_register = True
@@ -394,9 +515,145 @@ class Runtime:
             return
         self._warm_up.join(timeout=30.0)
         try:
-            self.streamer.bye()  # no reply to wait for: Link.close lingers briefly to deliver it
+            if not self.lost:
+                self.streamer.bye()  # no reply to wait for: Link.close lingers briefly to deliver it
         finally:
             self.closed = True
+            if self._reconnector is not None:
+                self._reconnector.join(timeout=self.config.fault_timeout + 2 * RECONNECT_EVERY)
+            if self._fresh is not None:
+                self._fresh[0].close(linger=0)
+
+    # -- faults: lose the server, run here, reconnect, offload again ---------------------
+
+    def local_tensor(self, meta: TensorMeta) -> RemoteTensor:
+        """A tensor made on the robot while the server is lost (no server handle yet)."""
+        out = RemoteTensor(meta, next(self._handles), self)
+        out._ep = -1
+        return out
+
+    def reshape_in_place(self, t: RemoteTensor, meta: TensorMeta) -> None:
+        _set_meta(t, meta)
+
+    def _lose(self, err: Exception) -> None:
+        if self.lost or self.closed:
+            return
+        self.lost = True
+        self.stats.faults += 1
+        self._lost_at = time.monotonic()
+        link = self.link
+        why = str(err).split(". ")[0].replace(f"rrto-server at {link.url}", "it").replace(link.url, "it")
+        print(f"rrto: lost the server at {link.url} ({why}): running on this machine's CPU; will reconnect",
+              file=sys.stderr, flush=True)
+        dropped = link.session
+        link.close(linger=0)
+        self.streamer.reset()
+        self._deep.clear()
+        if self.reopen is not None:
+            self._reconnector = threading.Thread(target=self._reconnect, args=(dropped,), name="rrto-reconnect",
+                                                 daemon=True)
+            self._reconnector.start()
+
+    def _reconnect(self, dropped: str | None) -> None:
+        """Background: open a new session with the same server until one answers."""
+        while not self.closed:
+            time.sleep(RECONNECT_EVERY)
+            if self.closed:
+                return
+            try:
+                link, info = self.reopen(dropped)
+            except Exception:  # noqa: BLE001 - not back yet: try again
+                continue
+            if self.closed:
+                link.close(linger=0)
+            else:
+                self._fresh = (link, info)
+            return
+
+    def _resume(self) -> None:
+        """Offload again over the reconnected link (at an inference boundary, in the app's thread)."""
+        link, info = self._fresh
+        self._fresh, self._reconnector = None, None
+        self.link = self.streamer.link = link
+        self.info, self.allowed = info, frozenset(info.get("allowed", ()))
+        self.epoch += 1
+        self.lost = False
+        if self.replayer is not None:  # record again: the new session knows no program
+            self._new_replayer(self.replayer.handles_used)
+        self.stats.reconnects += 1
+        self._adopt_weights()
+        print(f"rrto: reconnected to {link.url} after {time.monotonic() - self._lost_at:.1f} s: offloading again",
+              file=sys.stderr, flush=True)
+
+    def _adopt_weights(self) -> None:
+        """Give the new session the weights, by content digest where the server's cache still has them.
+
+        One round trip names them all; only those the cache lacks are uploaded again.
+        """
+        sts = [st for st in list(self._weights) if st.node.flat is not None and st.epoch != self.epoch]
+        if not sts or self.lost:
+            return
+        items, bufs = [], []
+        for st in sts:
+            desc, buf, _ = codec.tensor_frame(st.node.flat)
+            if st.digest is None or st.digest[0] is not st.node:
+                st.digest = (st.node, codec.digest(buf))
+            items.append([next(self._handles), desc, st.digest[1]])
+            bufs.append(buf)
+        try:
+            missing = set(self.streamer.request("adopt", w=items)["missing"])
+            for i, (st, item, buf) in enumerate(zip(sts, items, bufs)):
+                if i in missing:
+                    self.streamer.put(item[0], item[1], buf, wait_sent=True, cache=True)
+                st.h, st.epoch = item[0], self.epoch
+                weakref.finalize(st, self.release, item[0])
+        except LinkError as e:
+            self._lose(e)
+            return
+        self.stats.weights_adopted += len(items) - len(missing)
+
+    def _revive(self, tensors: list) -> None:
+        """Give tensors from before a reconnection a copy on the server (once each)."""
+        ep = self.epoch
+        try:
+            for t in tensors:
+                if type(t) is RemoteTensor and t._ep != ep:
+                    self._revive_one(t)
+        except LinkError as e:
+            self._lose(e)
+
+    def _revive_one(self, t: RemoteTensor) -> None:
+        st, m = t._st, t._meta
+        flat = lineage.flat_of(st.node)
+        if st.epoch != self.epoch:  # the whole storage goes up once; its tensors are views of it
+            hb = next(self._handles)
+            desc, buf, _ = codec.tensor_frame(flat)
+            self.streamer.put(hb, desc, buf, wait_sent=True, cache=st.weight)
+            st.h, st.epoch = hb, self.epoch
+            weakref.finalize(st, self.release, hb)
+        base = RemoteTensor(TensorMeta((flat.numel(),), (1,), 0, flat.dtype), st.h, None)
+        h = next(self._handles)
+        self.streamer.op("aten::as_strided.default", (base, list(m.shape), list(m.stride), m.offset), {}, [h])
+        t._h, t._ep = h, self.epoch
+
+    def _cut_deep(self) -> None:
+        """Fetch tensors whose recipe grew long (state never downloaded): it restarts from known bytes."""
+        deep, self._deep = self._deep, []
+        for ref in deep:
+            t = ref()
+            if t is None or t._ep != self.epoch:
+                continue
+            v = t._st.node
+            if v.flat is not None or v.depth <= lineage.MAX_DEPTH or t._meta != v.base:
+                continue
+            try:
+                desc, frame = self.streamer.get(t._h, what="a tensor's value kept for faults")
+            except LinkError as e:
+                self._lose(e)
+                return
+            cpu = codec.frame_tensor(desc, frame, max_bytes=1 << 62)
+            t._st.node = lineage.Version(lineage.conform(cpu, v.base), base=v.base)
+            self.stats.lineage_cuts += 1
 
 
 # -- special ops: data crossing between the robot and the virtual device ----------------

@@ -97,7 +97,12 @@ class LopRobot:
             return program.n_handles
         prepare = getattr(self.planner, "prepare", None)
         if prepare is not None:
-            prepare()  # what must use the session's socket (link probes) runs here, on the app's thread
+            try:  # what must use the session's socket (link probes) runs here, on the app's thread
+                prepare()
+            except Exception as e:  # noqa: BLE001 - a lost link shows at the app's next request
+                self._job = None
+                self._say(f"could not measure the link ({type(e).__name__}: {e}); replaying with a whole upload")
+                return program.n_handles
         self._job = job = (program, chain, register)
         threading.Thread(target=self._plan, args=(job,), name="rrto-lop-plan", daemon=True).start()
         return program.n_handles

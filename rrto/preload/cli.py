@@ -123,6 +123,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--mode", choices=MODES, help="how ops reach the server (default: RRTO_MODE, else replay)")
     p.add_argument("--stats", metavar="PATH", help="write each process's counters as JSON (see below)")
     p.add_argument("--timeout", type=float, metavar="S", help="seconds to wait for any server reply")
+    p.add_argument("--fault-timeout", type=float, metavar="S",
+                   help="seconds of server silence after which the app goes on on this machine's CPU (default 2)")
     p.add_argument("--repeats", type=int, metavar="K", help="replay: adopt a sequence once it repeated K times")
     p.add_argument("--server-key", metavar="PATH", help="the server's public key file (CurveZMQ)")
     p.add_argument("--robot-key", metavar="PATH", help="this robot's key pair file (NAME.key_secret)")
@@ -131,6 +133,7 @@ def run(argv: list[str]) -> int:
     cmd = _command(p, ns.command)
     env = _preload_env(os.environ)
     for name, value in (("SERVER", ns.server), ("MODE", ns.mode), ("STATS", ns.stats), ("TIMEOUT", ns.timeout),
+                        ("FAULT_TIMEOUT", ns.fault_timeout),
                         ("REPEATS", ns.repeats), ("SERVER_KEY", ns.server_key), ("ROBOT_KEY", ns.robot_key)):
         if value is not None:
             env["RRTO_" + name] = str(value)

@@ -31,8 +31,13 @@ _REPLAY_HANDLES = 2**51  # handle range of replayed iterations (eager: from 1; s
 
 
 class Replayer:
-    def __init__(self, stats: Stats, register, repeats: int = 2, verbose: bool = False):
-        """``register(program)`` sends a program to the server; it returns False if refused."""
+    def __init__(self, stats: Stats, register, repeats: int = 2, verbose: bool = False,
+                 handles_from: int = _REPLAY_HANDLES):
+        """``register(program)`` sends a program to the server; it returns False if refused.
+
+        ``handles_from``: the first handle of replayed iterations (a replayer that takes over
+        after a reconnection starts past its predecessor's, so no handle names two tensors).
+        """
         self.stats, self._register, self.verbose = stats, register, verbose
         self.log = OpLog()
         self.search = SequenceSearch(repeats)
@@ -40,7 +45,7 @@ class Replayer:
         self._pids = 0
         self.pos = 0  # next step; 0: armed, waiting for the first step of an iteration
         self.base = 0
-        self._next_base = _REPLAY_HANDLES
+        self._next_base = handles_from
         self._pending: list[list] = []  # runs the server has not been sent yet: [pid, base, a, b, slots]
         self._run: list | None = None
         self._shaped: dict[int, tuple] = {}  # step -> output handles of this iteration's data-dependent op
@@ -57,6 +62,11 @@ class Replayer:
         self.skip_to = 0
         self.reserve = 0
         self.on_diverge = None
+
+    @property
+    def handles_used(self) -> int:
+        """Handles below this one may name this replayer's tensors."""
+        return self._next_base
 
     @property
     def replaying(self) -> bool:

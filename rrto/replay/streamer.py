@@ -58,9 +58,15 @@ class EagerStreamer:
         self.link.send(header, frames, wait_sent=any(aliased))
         return None
 
-    def put(self, handle: int, desc: dict, buf: memoryview, wait_sent: bool) -> None:
-        """Upload one tensor's bytes as the server tensor ``handle``."""
+    def put(self, handle: int, desc: dict, buf: memoryview, wait_sent: bool, cache: bool = False) -> None:
+        """Upload one tensor's bytes as the server tensor ``handle``.
+
+        ``cache``: a weight; the server keeps it in its content-addressed cache, so that after a
+        reconnection (or for another robot) a digest can stand in for the bytes.
+        """
         header = {"t": "put", "h": handle, "d": desc}
+        if cache:
+            header["c"] = 1
         self._attach_frees(header)
         if self.wait_every_op:
             self.link.request(header, [buf], what="an upload")
@@ -98,6 +104,11 @@ class EagerStreamer:
     def bye(self) -> None:
         """End the session without waiting: the server frees everything this robot held."""
         self.link.send({"t": "bye"})
+
+    def reset(self) -> None:
+        """Forget what was queued for a session that is gone (the server was lost)."""
+        self._frees.clear()
+        self.last_header = None
 
     def free(self, handle: int) -> None:
         """Forget a server tensor; safe from any thread and from ``__del__``."""
