@@ -8,7 +8,9 @@ the link is CurveZMQ: encrypted, and the server admits only robots it knows.
 A legitimate op may run long, a dead server never answers: while it waits, the link
 pings every ``fault_timeout / 4`` (the server's main thread answers pings at once,
 never queued behind the session's work) and raises ``LinkLost`` after
-``fault_timeout`` seconds without any message from the server.
+``fault_timeout`` seconds without any message from the server. Pings travel on a
+connection of their own: on the request socket they would queue behind the app's
+uploads (the weights take seconds on robot Wi-Fi), and a busy link is not a dead one.
 """
 from __future__ import annotations
 
@@ -39,13 +41,20 @@ class Link:
         self._sock.setsockopt(zmq.SNDHWM, 0)  # eager streams run ahead; a sync point bounds them
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
-        if curve is not None:  # before connect: the handshake is decided when the connection opens
-            self._sock.curve_serverkey = curve.server_public
-            self._sock.curve_publickey = curve.public
-            self._sock.curve_secretkey = curve.secret
+        self._pinger = self._ctx.socket(zmq.DEALER)
+        self._pinger.setsockopt(zmq.LINGER, 0)
+        for sock in (self._sock, self._pinger):
+            if curve is not None:  # before connect: the handshake is decided when the connection opens
+                sock.curve_serverkey = curve.server_public
+                sock.curve_publickey = curve.public
+                sock.curve_secretkey = curve.secret
         # Watch the handshake until the hello is answered: a refused key is reported at once.
         self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         self._sock.connect(url)
+        self._pinger.connect(url)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._pinger, zmq.POLLIN)
         self._lock = threading.RLock()
         self._seq = 0
         self.session: str | None = None
@@ -136,7 +145,12 @@ class Link:
             start = heard = time.monotonic()
             every = int(self.fault_timeout * 250) + 1  # ms: four pings per fault timeout
             while True:
-                if not self._sock.poll(every):
+                ready = dict(self._poller.poll(every))
+                if self._pinger in ready:  # pongs: the server is alive, the link carries packets
+                    heard = time.monotonic()
+                    while self._pinger.poll(0):
+                        self._pinger.recv_multipart()
+                if self._sock not in ready:
                     now = time.monotonic()
                     if now - heard > self.fault_timeout:
                         raise LinkLost(f"no sign of life from it for {now - heard:.1f} s "
@@ -146,7 +160,11 @@ class Link:
                             f"no reply from rrto-server at {self.url} within {self.timeout:g} s "
                             f"(waiting for {what}); it still answers pings, so an op is taking that long. "
                             "Set RRTO_TIMEOUT (seconds) to wait longer.")
-                    self._sock.send_multipart(self._ping)
+                    if self._pinger not in ready:
+                        try:
+                            self._pinger.send_multipart(self._ping, zmq.NOBLOCK)
+                        except zmq.Again:  # not connected (yet): no sign of life either
+                            pass
                     continue
                 heard = time.monotonic()
                 msg = self._sock.recv_multipart(copy=False)
@@ -174,5 +192,6 @@ class Link:
             if not self.closed:
                 self.closed = True
                 self._stop_monitor()
+                self._pinger.close(linger=0)
                 self._sock.close(linger=int(linger * 1000))
                 self._ctx.term()

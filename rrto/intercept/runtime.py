@@ -452,7 +452,7 @@ class Runtime:
             from ..lop.robot import LopRobot
             planner = None  # RRTO_LOP_PLANNER=fixed: lop.robot.default_plan, a fixed rule (tests)
             if config.mode == "partition" or os.environ.get("RRTO_LOP_PLANNER", "loss") != "fixed":
-                planner = LossPlanner(self.copies, self._probe_link, default_speedup(self.info.get("device", "")),
+                planner = LossPlanner(self.copies, self._probe_link, default_speedup(self.info.get("device", "")), self.stats,
                                       layers_only=config.mode == "partition", verbose=config.progress)
             self.lop = LopRobot(self.copies, self.stats, planner=planner, verbose=config.progress)
             self.replayer.on_diverge = lambda pos: self.lop.diverged(pos, self.replayer, self.streamer)

@@ -4,7 +4,7 @@ the link with the robot's own transfers, and let ``loss.plan`` choose the BandPl
 What is measured, when a program is adopted (once; a few tens of ms):
   robot time    up to 8 clean cuts' whole-height bands run on the robot's parameter
                 copies, in a background thread, shared out to the steps of its segment;
-  link          three small and three 64 KiB probe round trips through the session's
+  link          three small and three 256 KiB probe round trips through the session's
                 own socket, fitted by ``LinkEstimator`` (rtt + bytes / bandwidth).
 Server step times are the robot's divided by ``server_speedup`` (RRTO_LOP_SERVER_SPEEDUP;
 by default 20 for a CUDA server, 2 for a CPU one): the one figure not yet measured online.
@@ -27,7 +27,7 @@ from .loss import Choice
 from .loss import plan as loss_plan
 from .plan import BandPlan
 
-PROBE_BYTES = 64 << 10
+PROBE_BYTES = 256 << 10
 MAX_CUTS = 8  # cuts profiled (evenly over the chain) and offered to the planner
 UNREACHABLE_S = 1e3  # the tail after the chain: the band executor never runs it on the robot
 
