@@ -190,8 +190,9 @@ def test_ctrl_c_with_a_hung_server_exits_promptly(tmp_path):
     app = tmp_path / "waits.py"
     app.write_text("import time, torch\nx = torch.ones(3).cuda()\nprint('ready', flush=True)\n"
                    "time.sleep(1)\nprint(x.sum().item())\n")
-    p = subprocess.Popen([sys.executable, "-m", "rrto", "--server", s.url, str(app)], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a fault timeout longer than the test: the app is still waiting when Ctrl-C comes
+    p = subprocess.Popen([sys.executable, "-m", "rrto", "--server", s.url, "--fault-timeout", "30", str(app)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "ready"
         s.proc.send_signal(signal.SIGSTOP)  # the server hangs while the app waits for .item()
