@@ -188,19 +188,21 @@ def test_server_error_of_a_streamed_op_surfaces_at_the_next_sync():
 def test_ctrl_c_with_a_hung_server_exits_promptly(tmp_path):
     s = ServerProcess()
     app = tmp_path / "waits.py"
-    app.write_text("import time, torch\nx = torch.ones(3).cuda()\nprint('ready', flush=True)\n"
-                   "time.sleep(1)\nprint(x.sum().item())\n")
+    go = tmp_path / "go"  # the app asks for .item() only once the server is stopped, however loaded the machine
+    app.write_text("import os, time, torch\nx = torch.ones(3).cuda()\nprint('ready', flush=True)\n"
+                   f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.01)\nprint(x.sum().item())\n")
     # a fault timeout longer than the test: the app is still waiting when Ctrl-C comes
     p = subprocess.Popen([sys.executable, "-m", "rrto", "--server", s.url, "--fault-timeout", "30", str(app)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "ready"
         s.proc.send_signal(signal.SIGSTOP)  # the server hangs while the app waits for .item()
+        go.touch()
         time.sleep(2)
         t0 = time.time()
         p.send_signal(signal.SIGINT)
-        p.communicate(timeout=60)
-        assert p.returncode == 130
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130, err[-2000:]
         assert time.time() - t0 < 5
     finally:
         p.kill()
