@@ -192,8 +192,10 @@ def test_ctrl_c_with_a_hung_server_exits_promptly(tmp_path):
     app.write_text("import os, time, torch\nx = torch.ones(3).cuda()\nprint('ready', flush=True)\n"
                    f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.01)\nprint(x.sum().item())\n")
     # a fault timeout longer than the test: the app is still waiting when Ctrl-C comes
+    # SIG_DFL: a suite started in the background (`./scripts/test &`) ignores SIGINT, and so would the app
     p = subprocess.Popen([sys.executable, "-m", "rrto", "--server", s.url, "--fault-timeout", "30", str(app)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert p.stdout.readline().strip() == "ready"
         s.proc.send_signal(signal.SIGSTOP)  # the server hangs while the app waits for .item()
