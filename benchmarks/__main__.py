@@ -30,8 +30,9 @@ models: resnet18, resnet50, vgg11, mobilenet_v2 (camera_loop.py, optional :SIZE)
   (keypoint_loop.py), scene[:ZxYxX] (scene_completion.py)
 links: lan (unshaped), indoor (trace, mean 93 Mbit/s, +4 ms RTT), outdoor (trace, mean 73 Mbit/s with
   deep drops, +8 ms RTT), fixed:RATE,RTT (e.g. fixed:93mbit,4ms), trace:PATH.csv,RTT
-modes: local, rpc, eager, replay, direct, partition, lop; a mode the installed rrto does not have
-  is reported as "not available". direct is the hand-written offload (benchmarks/direct.py)."""
+modes: local, rpc, eager, replay-confirmed, replay, direct, partition, lop; a mode the installed rrto
+  does not have is reported as "not available". direct is the hand-written offload (benchmarks/direct.py);
+  replay-confirmed is replay with RRTO_AHEAD=0 (the server runs only steps the robot confirmed)."""
 
 
 def _list(given) -> list[str]:

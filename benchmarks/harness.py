@@ -30,8 +30,10 @@ from .links import LinkSpec, make_network, start_ready, stop
 from .robot import CpuLimit
 from .workloads import ROOT, Workload
 
-MODE_ORDER = ("local", "rpc", "eager", "replay", "direct", "partition", "lop")
-HARNESS_MODES = ("direct",)  # implemented here, not by rrto
+MODE_ORDER = ("local", "rpc", "eager", "replay-confirmed", "replay", "direct", "partition", "lop")
+HARNESS_MODES = ("direct", "replay-confirmed")  # implemented here, not by rrto
+# an rrto mode run with settings of its own: replay where the server runs only what the robot confirmed
+VARIANTS = {"replay-confirmed": ("replay", {"RRTO_AHEAD": "0"})}
 SYNC = re.compile(r"rrto: sync \d+: [\d.]+ ms, (\d+) messages, (\d+) round trips, ([\d.]+) kB up, ([\d.]+) kB down")
 FIRST_FRAME = re.compile(r"^\s*(frame|step)\s+0:")
 ENERGY_SPLIT = ("compute_s", "transmit_s", "overlap_s")  # per-inference robot time split, where a mode reports it
@@ -163,7 +165,7 @@ def _run(s: Settings, cleanup: Cleanup) -> dict:
     targets: dict[str, tuple[str, int]] = {}
     server_info: dict = {}
     host = net.server_host
-    if any(ok and m not in HARNESS_MODES and m != "local" for m, ok in modes.items()):
+    if any(ok and m not in ("direct", "local") for m, ok in modes.items()):
         _, m = start_server([py, "-m", "server", "--listen", f"tcp://{host}:0", "--device", s.server_device,
                              "--log-level", "warning", "--exit-with-parent",
                              *(["--insecure"] if host not in ("127.0.0.1", "localhost") else [])],
@@ -270,15 +272,18 @@ def run_once(s: Settings, net, cpu: CpuLimit, mode: str, w: Workload, target, fo
     folder.mkdir(parents=True, exist_ok=True)
     timings, stats, errors = folder / "timings.json", folder / "stats.json", folder / "stderr.txt"
     n = s.warmup + s.frames
+    settings: dict = {}
     if mode == "direct":
         cmd = [sys.executable, "-m", "benchmarks.direct", "robot", "--server", f"tcp://{target[0]}:{target[1]}",
                "--model", w.name, "--frames", str(n), "--timings", str(timings), "--stats", str(stats)]
     else:
-        cmd = [sys.executable, "-m", "rrto", "--mode", mode, "--stats", str(stats), "--progress", "--quiet"]
+        rrto_mode, settings = VARIANTS.get(mode, (mode, {}))
+        cmd = [sys.executable, "-m", "rrto", "--mode", rrto_mode, "--stats", str(stats), "--progress", "--quiet"]
         if mode != "local":
             cmd += ["--server", f"tcp://{target[0]}:{target[1]}"]
         cmd += [*w.app_args(n), "--timings", str(timings)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RRTO_")}
+    env.update(settings)
     env["OMP_NUM_THREADS"] = str(cpu.threads)
     with open(errors, "w") as err:
         proc = subprocess.Popen(cpu.wrap(net.robot_cmd(cmd)), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-MODE_COLORS = {"rpc": "#d62728", "eager": "#ff7f0e", "replay": "#2ca02c", "direct": "#1f77b4",
+MODE_COLORS = {"rpc": "#d62728", "eager": "#ff7f0e", "replay-confirmed": "#98df8a", "replay": "#2ca02c", "direct": "#1f77b4",
                "partition": "#9467bd", "lop": "#17becf"}
 LANE_COLORS = {"robot compute": "#2ca02c", "link": "#ff7f0e", "uplink": "#ff7f0e", "downlink": "#e377c2",
                "server compute": "#1f77b4"}

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import xxhash
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 1 << 20
 MAX_DIMS = 32
 MAX_DEPTH = 32  # nesting of lists and objects in a header; real ones reach about 5

@@ -28,6 +28,9 @@ class Config:
     fault_timeout: float = 2.0
     progress: bool = False  # print a line per torch.cuda.synchronize()
     repeats: int = 2  # replay: adopt a sequence after it repeated this many times
+    # replay: the upload lets the server run the rest of the inference at once and send every
+    # answer unasked (one message per inference); off (RRTO_AHEAD=0): it runs what the robot confirmed
+    ahead: bool = True
     server_key: str | None = None  # the server's public key file: encrypt and authenticate the link
     robot_key: str | None = None  # this robot's .key_secret file (its key pair)
 
@@ -43,7 +46,7 @@ class Config:
                     v = float(v)
                 if v is not None and f.name == "repeats":
                     v = int(v)
-                if v is not None and f.name == "progress":
+                if v is not None and f.name in ("progress", "ahead"):
                     v = v.lower() not in ("0", "false", "no", "")
             if v is not None:
                 values[f.name] = v

@@ -31,6 +31,7 @@ class Stats:
     replayed_inferences: int = 0
     replay_divergences: int = 0
     replay_messages: int = 0  # messages sent during replayed iterations
+    answered_ahead: int = 0  # waits whose answer the server sent unasked, having run ahead
     # faults: the server lost, the app run on the robot's CPU meanwhile, then offloading again
     faults: int = 0
     reconnects: int = 0

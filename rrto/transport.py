@@ -57,6 +57,8 @@ class Link:
         self._poller.register(self._pinger, zmq.POLLIN)
         self._lock = threading.RLock()
         self._seq = 0
+        self._expected: set[int] = set()  # reply numbers reserved for replies the server sends unasked
+        self._early: dict[int, tuple] = {}  # such replies, arrived before the robot asked for them
         self.session: str | None = None
         self.closed = False
 
@@ -142,6 +144,30 @@ class Link:
             seq = header["q"] = self._seq
             self.send(header, frames)
             self.stats.round_trips += 1
+            return self.await_reply(seq, what)
+
+    def reserve(self, n: int) -> list[int]:
+        """Numbers for ``n`` replies the server will send unasked (a run ahead's answers to later waits)."""
+        with self._lock:
+            seqs = list(range(self._seq + 1, self._seq + 1 + n))
+            self._seq += n
+            self._expected.update(seqs)
+            return seqs
+
+    def forget(self, seqs) -> None:
+        """Replies no longer wanted (the app turned away): dropped when they come."""
+        with self._lock:
+            for q in seqs:
+                self._expected.discard(q)
+                self._early.pop(q, None)
+
+    def await_reply(self, seq: int, what: str = "a reply") -> tuple[dict, list]:
+        """The reply numbered ``seq``; replies reserved for later are kept until asked for."""
+        with self._lock:
+            self._expected.discard(seq)
+            early = self._early.pop(seq, None)
+            if early is not None:
+                return _checked(*early)
             start = heard = time.monotonic()
             every = int(self.fault_timeout * 250) + 1  # ms: four pings per fault timeout
             while True:
@@ -170,11 +196,13 @@ class Link:
                 msg = self._sock.recv_multipart(copy=False)
                 self.stats.bytes_received += sum(len(f) for f in msg)
                 reply, rframes = codec.unpack(msg)
-                if reply.get("q") != seq:
-                    continue  # a pong, or the late answer to a request that already timed out
-                if reply.get("t") == "err":
-                    raise remote_error(reply.get("kind", ""), reply.get("msg", "unknown server error"))
-                return reply, rframes
+                q = reply.get("q")
+                if q == seq:
+                    return _checked(reply, rframes)
+                if q in self._expected:
+                    self._expected.discard(q)
+                    self._early[q] = (reply, rframes)
+                # else: a pong, or the late answer to a request that timed out or was forgotten
 
     def _pack(self, header: dict, frames: list) -> list:
         if self.closed:
@@ -195,3 +223,9 @@ class Link:
                 self._pinger.close(linger=0)
                 self._sock.close(linger=int(linger * 1000))
                 self._ctx.term()
+
+
+def _checked(reply: dict, frames: list) -> tuple[dict, list]:
+    if reply.get("t") == "err":
+        raise remote_error(reply.get("kind", ""), reply.get("msg", "unknown server error"))
+    return reply, frames

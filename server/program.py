@@ -6,19 +6,31 @@ is the output of an earlier step of this iteration (handle ``base + off``), ``{"
 a tensor the robot names in slot n of the run. Other steps (uploads, downloads,
 syncs, data-dependent ops) arrive as their own messages: here they are holes.
 
-The robot only ever asks to run steps it has confirmed the app reached, so a run
-never executes an op the app did not call.
+The robot only ever asks ``run`` for steps it has confirmed the app reached, so a
+confirmed run never executes an op the app did not call. ``ahead`` is the exception
+that makes replay one round trip: right after an upload the server runs the rest of
+the iteration before the robot confirms it, answering each wait (download, sync,
+data-dependent op) with a message of its own, so that the robot's own walk through
+the app overlaps the server's work and every wait finds its answer already there.
+It stays safe because nothing it does outlives a divergence (``AheadRun.settle``):
+an in-place write is only made to a tensor born in this iteration, after a copy of
+its old value is kept (undone if the app turns away before that op); a write to a
+tensor that outlives the iteration (a parameter, a running statistic, recurrent
+state) stops the run there until the robot confirms it.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from rrto import codec
 
-from .ops import OpError, OpInfo
+from .ops import OpError, OpInfo, short_error
 
 MAX_STEPS = 100_000
 MAX_PROGRAMS = 16
+ITERATION_HANDLES = MAX_STEPS * 64  # offsets one iteration may use: its handles are base + offset
 
 
 class _Fill:
@@ -30,16 +42,20 @@ class _Fill:
 
 
 class ProgramStep:
-    __slots__ = ("info", "args", "kwargs", "fills", "outs", "last_of")
+    """An op step (``kind`` "op"), a data-dependent op ("shaped": outputs named ``base + ob + i``)
+    or a download ("get": its tensor is ``args[0]``)."""
+    __slots__ = ("kind", "info", "args", "kwargs", "fills", "outs", "last_of", "writes", "ob")
 
-    def __init__(self, info: OpInfo, args: list, kwargs: dict, fills: list, outs: list):
-        self.info, self.args, self.kwargs, self.fills, self.outs = info, args, kwargs, fills, outs
+    def __init__(self, kind: str, info: OpInfo | None, args: list, kwargs: dict, fills: list, outs: list,
+                 writes: tuple = (), ob: int = 0):
+        self.kind, self.info, self.args, self.kwargs, self.fills, self.outs = kind, info, args, kwargs, fills, outs
+        self.writes, self.ob = writes, ob  # writes: (args or kwargs, position) of arguments written in place
         self.last_of: list[int] = []  # offsets whose last reader in the program is this step
 
 
 class Program:
-    def __init__(self, pid: int, steps: list, persistent: set):
-        self.pid, self.steps, self.persistent = pid, steps, persistent
+    def __init__(self, pid: int, steps: list, kinds: list, persistent: set):
+        self.pid, self.steps, self.kinds, self.persistent = pid, steps, kinds, persistent
 
     @classmethod
     def decode(cls, header: dict, frames: list, session) -> "Program":
@@ -53,24 +69,29 @@ class Program:
         consts = [session.to_device(codec.frame_tensor(d, f, 1 << 16)) for d, f in zip(descs, frames)]
         persistent: set = set()
         steps: list = []
+        kinds: list = []
         for i, spec in enumerate(specs):
             if not isinstance(spec, dict):
                 raise OpError(f"program step {i} is not an object")
-            if spec.get("t") != "op":
-                if spec.get("t") not in ("put", "get", "sync", "seed", "shaped"):
-                    raise OpError(f"program step {i} has unknown kind {str(spec.get('t'))[:20]!r}")
-                steps.append(None)
-                continue
-            steps.append(_decode_step(i, spec, session, consts, persistent))
+            kind = spec.get("t")
+            if kind not in ("op", "put", "get", "sync", "seed", "shaped"):
+                raise OpError(f"program step {i} has unknown kind {str(kind)[:20]!r}")
+            kinds.append(kind)
+            if kind == "op" or (kind == "shaped" and "op" in spec):
+                steps.append(_decode_step(i, spec, session, consts, persistent))
+            elif kind == "get" and "a" in spec:
+                steps.append(_decode_get(i, spec, session, persistent))
+            else:
+                steps.append(None)  # a hole: it arrives as a message of its own (and stops a run ahead)
         last: dict[int, int] = {}
         for i, st in enumerate(steps):
-            if st is not None:
+            if st is not None and st.kind == "op":
                 for _, _, f in st.fills:
                     if f.kind == "s":
                         last[f.n] = i
         for off, i in last.items():
             steps[i].last_of.append(off)
-        return cls(pid, steps, persistent)
+        return cls(pid, steps, kinds, persistent)
 
     def run(self, session, base: int, a: int, b: int, slots: dict, dead: frozenset = frozenset()) -> None:
         """Run steps ``a`` to ``b - 1`` of the iteration whose handles start at ``base``.
@@ -84,7 +105,7 @@ class Program:
         try:
             for i in range(a, b):
                 st = steps[i]
-                if st is None:
+                if st is None or st.kind != "op":
                     continue
                 fills = st.fills
                 try:
@@ -111,12 +132,176 @@ class Program:
             local.clear()
 
 
+    def ahead(self, session, base: int, a: int, b: int, slots: dict, seqs: list, send) -> "AheadRun":
+        """Run steps ``a`` to ``b - 1`` before the robot confirms them (see the module's docstring).
+
+        Each wait step is answered with ``send(reply, frames)``, its reply carrying the next of
+        ``seqs``. The run stops before a step it may not run yet (a hole, a tensor slot not
+        given, a write to a tensor older than this iteration, the session's memory limit):
+        the waits left are answered ``{"stop": i}``, the robot confirms up to each and asks
+        again. An op that fails answers the waits left with the error.
+        """
+        run = AheadRun(self, base, a)
+        waits = iter(seqs)
+        reply = None
+        try:
+            for i in range(a, b):
+                run.end = i
+                st = self.steps[i]
+                kind = self.kinds[i]
+                if kind == "sync":
+                    if session.device.type == "cuda":
+                        torch.cuda.synchronize(session.device)
+                    send({"q": next(waits)}, [])
+                    continue
+                if st is None:
+                    break
+                if not self._fill(st, session, base, slots):
+                    break
+                try:
+                    if kind == "get":
+                        reply, frames = session.download(st.args[0], private=True)
+                        reply["q"] = next(waits)
+                        send(reply, frames)
+                        continue
+                    if not run.keep_old_values(st, session):
+                        break
+                    if kind == "shaped":
+                        result, made, inputs = session.execute(st.info, st.args, st.kwargs, None, base + st.ob)
+                        run.made.append((i, [base + st.ob + j for j in range(len(made))]))
+                        reply = session.named_outputs_reply(result, made, inputs)
+                        reply["q"] = next(waits)
+                        send(reply, [])
+                        continue
+                    outs = [None if o is None else base + o for o in st.outs]
+                    run.made.append((i, outs))
+                    session.execute(st.info, st.args, st.kwargs, outs)
+                finally:
+                    _unfill(st)
+            else:
+                run.end = b
+        except OpError as e:
+            if e.kind != "quota":  # out of memory ahead is no error: confirmed steps free as they go
+                reply = {"t": "err", "kind": e.kind, "msg": str(e)}
+        except Exception as e:  # noqa: BLE001 - reported at the wait the robot reaches next
+            reply = {"t": "err", "kind": "op_failed",
+                     "msg": f"{self.kinds[run.end]} step {run.end} failed on the server: {short_error(e)}"}
+        stop = reply if reply is not None and reply.get("t") == "err" else {"stop": run.end}
+        for q in waits:
+            send({**stop, "q": q}, [])
+        return run
+
+    def _fill(self, st: ProgramStep, session, base: int, slots: dict) -> bool:
+        """Put the iteration's tensors into a step's holes; False when a slot was not given."""
+        tensor = session.tensor
+        for box, where, f in st.fills:
+            if f.kind == "s":
+                box[where] = tensor(base + f.n)
+            else:
+                h = slots.get(f.n)
+                if h is None:
+                    _unfill(st)
+                    return False
+                box[where] = tensor(h)
+        return True
+
+
+def _unfill(st: ProgramStep) -> None:
+    for box, where, f in st.fills:  # hold no tensor between runs: the robot may free it
+        box[where] = f
+
+
+class AheadRun:
+    """What a run ahead did, so that the robot's confirmation can settle it.
+
+    ``made``: (step, output handles) in order; ``undo``: (step, tensor, its old value) for
+    every in-place write; ``end``: the first step not run.
+    """
+
+    def __init__(self, program: Program, base: int, start: int):
+        self.program, self.base, self.start, self.end = program, base, start, start
+        self.made: list = []
+        self.undo: list = []
+        self.held = 0  # bytes of the old values kept
+
+    def keep_old_values(self, st: ProgramStep, session) -> bool:
+        """Before ``st`` writes in place: keep the old values; False if a target outlives the iteration."""
+        for box, where in st.writes:
+            if box == "a":
+                t = st.args[where] if where < len(st.args) else None
+            else:
+                t = st.kwargs.get(where)
+            if not isinstance(t, torch.Tensor):
+                continue
+            if not session.born_in_iteration(t, self.base):
+                return False
+            n = t.numel() * t.element_size()
+            session.hold(n)
+            self.held += n
+            self.undo.append((self.end, t, t.clone()))
+        return True
+
+    def settle(self, session, reached: int, slots: dict) -> None:
+        """The robot confirmed the app reached steps before ``reached`` (and no further, if it
+        is before the end): undo what ran past it; run what was stopped short of it."""
+        for i, t, old in reversed(self.undo):  # (a step that failed half-way is undone too)
+            if i >= reached:
+                t.copy_(old)
+        session.free_handles([h for i, hs in self.made if i >= reached for h in hs if h is not None])
+        if reached > self.end:
+            self.program.run(session, self.base, self.end, reached, slots)
+        self.release(session)
+
+    def release(self, session) -> None:
+        self.undo.clear()
+        session.hold(-self.held)
+        self.held = 0
+
+
+def _written(info: OpInfo) -> tuple:
+    """Where an op's schema says it writes in place: ("a", index) or ("k", name) for each."""
+    out = []
+    for j, arg in enumerate(info.op._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            out.append(("k", arg.name) if arg.kwarg_only else ("a", j))
+            if not arg.kwarg_only:
+                out.append(("k", arg.name))  # a positional argument may also be given by name
+    return tuple(out)
+
+
+def _decode_get(i: int, spec: dict, session, persistent: set) -> ProgramStep:
+    a = spec.get("a")
+    if not isinstance(a, list) or len(a) != 1:
+        raise OpError(f"program step {i}: a download names one tensor")
+
+    def handle(h):
+        persistent.add(h)
+        return session.tensor(h)
+
+    def ref(kind, n):
+        if not 0 <= n < ITERATION_HANDLES:
+            raise OpError(f"program step {i}: bad tensor reference")
+        return _Fill(kind, n)
+
+    args = codec.decode_value(a, handle, _no_inline, session.device, ref)
+    fills: list = []
+    _find_fills(args, fills)
+    return ProgramStep("get", None, args, {}, fills, [])
+
+
+def _no_inline(n):
+    raise OpError("a download names a tensor of the session")
+
+
 def _decode_step(i: int, spec: dict, session, consts: list, persistent: set) -> ProgramStep:
     info = session.ops.resolve(spec.get("op"))
     a, k, outs = spec.get("a", []), spec.get("k", {}), spec.get("o", [])
+    ob = spec.get("ob", 0)
+    if type(ob) is not int or not 0 <= ob < ITERATION_HANDLES:
+        raise OpError(f"program step {i}: bad output offset 'ob'")
     if not isinstance(a, list) or not isinstance(k, dict) or not isinstance(outs, list):
         raise OpError(f"program step {i}: arguments must be a list 'a', an object 'k' and outputs 'o'")
-    if not all(o is None or (type(o) is int and 0 <= o < MAX_STEPS * 64) for o in outs):
+    if not all(o is None or (type(o) is int and 0 <= o < ITERATION_HANDLES) for o in outs):
         raise OpError(f"program step {i}: bad output offsets")
 
     def handle(h):
@@ -129,7 +314,7 @@ def _decode_step(i: int, spec: dict, session, consts: list, persistent: set) -> 
         return consts[n]
 
     def ref(kind, n):
-        if not 0 <= n < MAX_STEPS * 64:
+        if not 0 <= n < ITERATION_HANDLES:
             raise OpError(f"program step {i}: bad tensor reference")
         return _Fill(kind, n)
 
@@ -138,7 +323,7 @@ def _decode_step(i: int, spec: dict, session, consts: list, persistent: set) -> 
     fills: list = []
     _find_fills(args, fills)
     _find_fills(kwargs, fills)
-    return ProgramStep(info, args, kwargs, fills, outs)
+    return ProgramStep(spec["t"], info, args, kwargs, fills, outs, _written(info), ob)
 
 
 def _find_fills(box: Any, fills: list) -> None:

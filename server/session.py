@@ -23,7 +23,7 @@ from rrto import codec
 
 from .cache import WeightCache
 from .ops import OpError, OpInfo, OpTable, OutputMeta, SizeCheck, flat_tensors, short_error
-from .program import MAX_PROGRAMS, Program
+from .program import ITERATION_HANDLES, MAX_PROGRAMS, AheadRun, Program
 
 log = logging.getLogger("rrto.server")
 CUDA_DEFAULT_SEED = 67280421310721  # what torch seeds a fresh cuda generator with
@@ -60,6 +60,9 @@ class Session:
         self.ops_run = 0
         self.programs: dict[int, Program] = {}
         self.programs_run = 0
+        self._ahead_job: tuple | None = None  # (program, base, from, to, slots, seqs): run after the reply
+        self._ahead_run: AheadRun | None = None  # the last run ahead, until the robot settles it
+        self.held_bytes = 0  # old values kept by runs ahead (part of live_bytes)
 
     # -- worker ------------------------------------------------------------------
 
@@ -93,6 +96,8 @@ class Session:
                         self.pending_bytes -= nbytes
                     if reply is not None:
                         sock.send_multipart([self.identity, *codec.pack(*reply)], copy=False)
+                    if "aq" in header:
+                        self._answer_ahead(header, sock)
                     if header.get("t") == "bye":
                         break
         finally:
@@ -137,10 +142,19 @@ class Session:
 
     def _dispatch(self, h: dict, frames: list) -> tuple[dict, list]:
         t = h.get("t")
+        cf = h.get("cf")
+        if cf is not None:
+            self._settle(cf)
         pre = h.get("pre")
         if pre is not None:
             fr = h.get("fr")
             self._run_programs(pre, frozenset(x for x in fr if type(x) is int) if type(fr) is list else frozenset())
+        if "ah" in h:
+            self._free(h.pop("fr", None))  # last iteration's tensors go before this one's run ahead
+            try:
+                self._ahead_job = self._check_ahead(h.get("ah"), h.get("aq"))
+            except OpError as e:  # the message itself still runs; its waits are answered "stop"
+                log.debug("session %s: no run ahead: %s", self.token[:8], e)
         if t == "op":
             return self._op(h, frames)
         if t == "put":
@@ -155,7 +169,7 @@ class Session:
         if t == "adopt":
             return self._adopt(h.get("w")), []
         if t == "get":
-            return self._get(self.tensor(h.get("h")))
+            return self.download(self.tensor(h.get("h")))
         if t == "sync":
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -212,15 +226,21 @@ class Session:
         args = codec.decode_value(a, self.tensor, inline, self.device)
         kwargs = {key: codec.decode_value(v, self.tensor, inline, self.device) for key, v in k.items()}
         result, outs, inputs = self.execute(info, args, kwargs, h.get("o", []), h.get("ob"))
-        reply: dict = {}
-        if "q" in h:
-            if "ob" in h:  # tell the robot what came out
-                reply["m"] = [{"a": inputs[id(t)]} if id(t) in inputs else
-                              [list(t.shape), list(t.stride()), t.storage_offset(), codec.dtype_name(t.dtype)]
-                              for t in outs]
-            if not isinstance(result, (torch.Tensor, list, tuple)):
-                reply["v"] = codec.encode_result(result)
-        return reply, []
+        if "q" not in h:
+            return {}, []
+        if "ob" in h:  # tell the robot what came out
+            return self.named_outputs_reply(result, outs, inputs), []
+        return ({} if isinstance(result, (torch.Tensor, list, tuple)) else {"v": codec.encode_result(result)}), []
+
+    @staticmethod
+    def named_outputs_reply(result, outs: list, inputs: dict) -> dict:
+        """The reply to an op whose outputs the server named: each output's metadata, or the input it is."""
+        reply: dict = {"m": [{"a": inputs[id(t)]} if id(t) in inputs else
+                             [list(t.shape), list(t.stride()), t.storage_offset(), codec.dtype_name(t.dtype)]
+                             for t in outs]}
+        if not isinstance(result, (torch.Tensor, list, tuple)):
+            reply["v"] = codec.encode_result(result)
+        return reply
 
     def execute(self, info: OpInfo, args: list, kwargs: dict, handles, named_base=None):
         """Run one op and bind its outputs to ``handles`` (or to ``named_base + i``).
@@ -291,6 +311,79 @@ class Session:
             prog.run(self, base, a, b, dict(zip(flat[::2], flat[1::2])), dead)
             self.programs_run += 1
 
+    def _check_ahead(self, ah, aq) -> tuple:
+        """Validate a run-ahead request: ``ah`` [program, base, from, to, [slot, handle, ...]], ``aq`` seqs."""
+        if self._ahead_run is not None:  # never settled (the robot moved on): keep what it did
+            self._ahead_run.release(self)
+            self._ahead_run = None
+        if type(ah) is not list or len(ah) != 5 or not all(type(v) is int for v in ah[:4]) or type(ah[4]) is not list \
+                or len(ah[4]) % 2 or type(aq) is not list or not all(type(q) is int for q in aq):
+            raise OpError("a run ahead is 'ah': [program, base, from, to, [slot, handle, ...]] with 'aq': [seq, ...]")
+        pid, base, a, b, flat = ah
+        prog = self.programs.get(pid)
+        if prog is None:
+            raise OpError(f"program {pid} is not registered in this session (dropped, or its tensors freed)")
+        if not 0 <= a <= b <= len(prog.steps) or not 0 < base < MAX_HANDLE:
+            raise OpError(f"bad run ahead of program {pid}: steps {a}..{b}, base {base}")
+        if len(aq) != sum(k in ("get", "sync", "shaped") for k in prog.kinds[a:b]):
+            raise OpError("a run ahead needs one reply number in 'aq' per wait in its steps")
+        return prog, base, a, b, dict(zip(flat[::2], flat[1::2])), aq
+
+    def _answer_ahead(self, header: dict, sock) -> None:
+        """Run ahead what the message asked for; every number in 'aq' gets exactly one reply."""
+        job, self._ahead_job = self._ahead_job, None
+        aq = header["aq"]
+
+        def send(reply: dict, frames: list) -> None:
+            sock.send_multipart([self.identity, *codec.pack(reply, frames)], copy=False)
+
+        if job is not None:
+            prog, base, a, b, slots, seqs = job
+            self._ahead_run = prog.ahead(self, base, a, b, slots, seqs, send)
+            self.programs_run += 1
+            return
+        if type(aq) is not list:
+            return
+        # Not run (the message failed, the program is gone): the robot confirms from where
+        # it asked and asks for each wait itself. An error of the message shows there.
+        ah = header.get("ah")
+        start = ah[2] if type(ah) is list and len(ah) > 2 and type(ah[2]) is int else 0
+        for q in aq[:100_000]:
+            if type(q) is int:
+                send({"q": q, "stop": start}, [])
+
+    def _settle(self, cf) -> None:
+        """The robot's word on the last run ahead: 'cf' [program, base, steps reached, [slot, handle, ...]]."""
+        if type(cf) is not list or len(cf) != 4 or not all(type(v) is int for v in cf[:3]) or type(cf[3]) is not list \
+                or len(cf[3]) % 2:
+            raise OpError("a confirmation is 'cf': [program, base, steps reached, [slot, handle, ...]]")
+        run, self._ahead_run = self._ahead_run, None
+        if run is None or run.program.pid != cf[0] or run.base != cf[1]:
+            return  # nothing ran ahead for it (refused, or the program was dropped)
+        if not 0 <= cf[2] <= len(run.program.steps):
+            run.release(self)
+            raise OpError(f"bad confirmation: step {cf[2]} of program {cf[0]}")
+        try:
+            run.settle(self, cf[2], dict(zip(cf[3][::2], cf[3][1::2])))
+        except Exception as e:  # noqa: BLE001 - confirmed steps failing: like a deferred op failing
+            self.error = ("op_failed", f"a step of program {cf[0]} failed on the server: {short_error(e)}"
+                          " (reported at the next request; ops after it were skipped)")
+
+    def born_in_iteration(self, t: torch.Tensor, base: int) -> bool:
+        """Whether ``t``'s storage was first bound to a handle of the iteration starting at ``base``."""
+        entry = self._storages.get(t.untyped_storage()._cdata)
+        return entry is not None and base <= entry[2] < base + ITERATION_HANDLES
+
+    def hold(self, nbytes: int) -> None:
+        """Count (or, negative, stop counting) bytes the session keeps outside its handles."""
+        if nbytes > 0:
+            self._reserve(nbytes)
+        self.held_bytes += nbytes
+        self.live_bytes += nbytes
+
+    def free_handles(self, handles: list) -> None:
+        self._free(handles)
+
     def _inject_generator(self, info: OpInfo, args: list, kwargs: dict) -> None:
         for i, a in enumerate(info.op._schema.arguments):
             if a.name == info.generator_arg:
@@ -320,9 +413,13 @@ class Session:
         out.copy_(t)
         return out
 
-    def _get(self, t: torch.Tensor) -> tuple[dict, list]:
+    def download(self, t: torch.Tensor, private: bool = False) -> tuple[dict, list]:
+        """A tensor's reply; ``private``: a copy, for a reply that leaves while later steps may
+        write the tensor in place (a run ahead goes on while zmq still sends)."""
         if t.device.type != "cpu":
             t = t.to("cpu")
+        elif private:
+            t = t.clone()
         desc, buf, _ = codec.tensor_frame(t)
         return {"d": desc}, [buf]
 
@@ -363,7 +460,7 @@ class Session:
         st = t.untyped_storage()
         entry = self._storages.get(st._cdata)
         if entry is None:
-            self._storages[st._cdata] = [st.nbytes(), 1]
+            self._storages[st._cdata] = [st.nbytes(), 1, h]
             self.live_bytes += st.nbytes()
         else:
             entry[1] += 1

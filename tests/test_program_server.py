@@ -111,3 +111,109 @@ def test_slots_name_tensors_per_run(raw):
     assert r["t"] == "err" and "slot 1 was not given" in r["msg"]
     r = raw.request({"t": "sync", "pre": [[3, BASE + 20, 0, 1, [0, 1, 1, 424242]]]})
     assert r["t"] == "err" and "not one of this session's tensors" in r["msg"]
+
+
+# -- running ahead: the upload asks the server to run the rest and answer the waits unasked ---------
+
+AHEAD = {  # y = relu_(x @ w.T + 1) in place, z = -y; downloads of y and z
+    "p": 4,
+    "steps": [
+        {"t": "put"},
+        {"t": "op", "op": "aten::linear.default", "a": [{"s": 0}, {"h": 7}], "o": [1]},
+        {"t": "op", "op": "aten::add.Scalar", "a": [{"s": 1}, 1], "o": [2]},
+        {"t": "op", "op": "aten::relu_.default", "a": [{"s": 2}], "o": [None]},
+        {"t": "get", "a": [{"s": 2}]},
+        {"t": "op", "op": "aten::neg.default", "a": [{"s": 2}], "o": [3]},
+        {"t": "get", "a": [{"s": 3}]},
+    ],
+}
+
+
+def put_ahead(raw, base: int, x: torch.Tensor, ah: list, aq: list) -> None:
+    from rrto import codec
+    desc, buf, _ = codec.tensor_frame(x)
+    raw.send({"t": "put", "h": base, "d": desc, "ah": ah, "aq": aq}, [buf])
+
+
+def answers(raw, n: int) -> list:
+    out = []
+    for _ in range(n):
+        reply, frames = raw.recv()
+        out.append((reply, frames))
+    return out
+
+
+def test_a_run_ahead_answers_every_wait_unasked(raw):
+    from rrto import codec
+    w = torch.randn(5, 3)
+    put(raw, 7, w)
+    assert register(raw, AHEAD).get("t") != "err"
+    for i in range(3):
+        x, base = torch.randn(2, 3), BASE + 100 * i
+        cf = {"cf": [4, base - 100, 7, []]} if i else {}
+        put_ahead(raw, base, x, [4, base, 1, 7, []], [1000 + 2 * i, 1001 + 2 * i])
+        (r1, f1), (r2, f2) = answers(raw, 2)
+        assert (r1["q"], r2["q"]) == (1000 + 2 * i, 1001 + 2 * i) and "d" in r1 and "d" in r2, (r1, r2)
+        y = torch.relu(torch.nn.functional.linear(x, w) + 1)
+        assert torch.equal(codec.frame_tensor(r1["d"], f1[0], 1 << 30), y)
+        assert torch.equal(codec.frame_tensor(r2["d"], f2[0], 1 << 30), -y)
+        assert raw.request({"t": "sync", **cf}).get("t") != "err"
+
+
+def test_settling_short_of_a_run_ahead_undoes_what_ran_past(raw):
+    """The app turned away before relu_: the server ran it ahead, so it puts y's old values back
+    and forgets what the steps past the turn made; the steps before it stay."""
+    g = torch.Generator().manual_seed(0)  # some of x @ w.T + 1 is negative: relu_ changes it
+    w, x = torch.randn(5, 3, generator=g), torch.randn(2, 3, generator=g)
+    put(raw, 7, w)
+    register(raw, AHEAD)
+    put_ahead(raw, BASE, x, [4, BASE, 1, 7, []], [500, 501])
+    rs = [r for r, _ in answers(raw, 2)]
+    assert [r["q"] for r in rs] == [500, 501] and all("d" in r for r in rs), rs
+    assert raw.request({"t": "sync", "cf": [4, BASE, 3, []]}).get("t") != "err"
+    old = torch.nn.functional.linear(x, w) + 1
+    assert torch.equal(get(raw, BASE + 2), old) and (old < 0).any()  # relu_ undone
+    r = raw.request({"t": "get", "h": BASE + 3})
+    assert r["t"] == "err" and "not one of this session's tensors" in r["msg"]
+
+
+def test_a_run_ahead_stops_before_writing_a_tensor_older_than_the_iteration(raw):
+    w = torch.randn(5, 3)
+    put(raw, 7, w)
+    counter = torch.zeros(5)
+    put(raw, 8, counter)
+    prog = {"p": 5, "steps": [
+        {"t": "put"},
+        {"t": "op", "op": "aten::linear.default", "a": [{"s": 0}, {"h": 7}], "o": [1]},
+        {"t": "op", "op": "aten::add_.Scalar", "a": [{"h": 8}, 1], "o": [None]},  # a running count
+        {"t": "op", "op": "aten::add.Tensor", "a": [{"s": 1}, {"h": 8}], "o": [2]},
+        {"t": "get", "a": [{"s": 2}]},
+    ]}
+    assert register(raw, prog).get("t") != "err"
+    x = torch.randn(2, 3)
+    put_ahead(raw, BASE, x, [5, BASE, 1, 5, []], [900])
+    (r, _), = answers(raw, 1)
+    assert r == {"q": 900, "stop": 2}  # linear ran; the count waits for the robot
+    assert torch.equal(get(raw, 8), counter)
+    # the robot confirms up to the stop and sends the rest as a confirmed run
+    raw.request({"t": "sync", "cf": [5, BASE, 2, []], "pre": [[5, BASE, 2, 4, []]]})
+    assert torch.equal(get(raw, BASE + 2), torch.nn.functional.linear(x, w) + 1)
+    assert torch.equal(get(raw, 8), counter + 1)
+
+
+def test_malformed_runs_ahead_and_confirmations_are_refused(raw):
+    put(raw, 7, torch.randn(5, 3))
+    register(raw, AHEAD)
+    for k, (ah, aq) in enumerate([([4, BASE, 1, 99, []], [1, 2]), ([4, BASE, 1, 7, []], [1]),
+                                  ([9, BASE, 1, 7, []], [1, 2]), ("x", [1, 2]), ([4, BASE, 1, 7, [0]], [1, 2])]):
+        base = BASE + 1000 * (k + 1)
+        put_ahead(raw, base, torch.randn(2, 3), ah, aq)
+        for r, _ in answers(raw, len(aq)):
+            assert r.get("stop") is not None, (ah, aq, r)  # no run ahead: the robot asks for each wait
+        assert get(raw, base).shape == (2, 3)  # the upload itself went through
+    for cf, what in [("x", "confirmation"), ([4, BASE, 1], "confirmation"), ([4, BASE, 1, [0]], "confirmation")]:
+        r = raw.request({"t": "sync", "cf": cf})
+        assert r["t"] == "err" and what in r["msg"], (cf, r)
+    good = BASE + 77_777
+    put_ahead(raw, good, torch.randn(2, 3), [4, good, 1, 7, []], [3000, 3001])
+    assert [r.get("t") for r, _ in answers(raw, 2)] == [None, None]

@@ -216,9 +216,14 @@ class Runtime:
             self._deep += [weakref.ref(t) for t in made if type(t) is RemoteTensor]
 
     def _run_server_shaped(self, func, plan: Plan, args, kwargs, tensors: list, key, sig, step=None):
-        base = next(self._blocks)
+        rep = self.replayer
+        base = next(self._blocks) if step is None else rep.base + step.spec["ob"]
         try:
-            reply = self.streamer.op(plan.name, args, kwargs, [], wait=True, out_base=base)
+            reply = None if step is None else self._answered_ahead(f"{plan.name}'s outputs")
+            if reply is None:
+                reply = self.streamer.op(plan.name, args, kwargs, [], wait=True, out_base=base)
+            else:
+                reply = reply[0]
         except LinkError as e:
             self._lose(e)
             self.stats.local_ops += 1
@@ -238,9 +243,10 @@ class Runtime:
                 handles.append(base + i)
         lin = lineage.shaped_info(func, sig, outs, [h is not None for h in handles])
         lineage.record(lin, func, sig, tensors, outs)
-        rep = self.replayer
         if step is not None:
-            rep.shaped_outputs(tuple(handles))
+            if len(handles) != len(step.out_offsets):
+                raise RrtoError(f"rrto internal error: {plan.name} gave {len(handles)} outputs on the server "
+                                f"where the recording had {len(step.out_offsets)}")
             if rep.unstable:
                 rep.log_replayed(step, key, tensors, handles)
         elif rep is not None:
@@ -367,8 +373,13 @@ class Runtime:
         key = (GET, t._meta)
         if rep is not None and rep.program is not None:
             step = rep.match(GET, key, [t])
+        what = f"the download of a {list(t.shape)} {t.dtype} tensor"
         try:
-            desc, frame = self.streamer.get(t._h, what=f"the download of a {list(t.shape)} {t.dtype} tensor")
+            ahead = None if step is None else self._answered_ahead(what)
+            if ahead is None:
+                desc, frame = self.streamer.get(t._h, what=what)
+            else:
+                desc, frame = ahead[0]["d"], ahead[1][0]
         except LinkError as e:
             self._lose(e)
             return lineage.value(t).clone()
@@ -404,12 +415,12 @@ class Runtime:
         rep, step = self.replayer, None
         if rep is not None and rep.program is not None:
             step = rep.match(SYNC, (SYNC,), [])
-        if step is None or not rep.sync_folded():
-            try:
+        try:
+            if step is None or (self._answered_ahead("the synchronize reply") is None and not rep.sync_folded()):
                 self.streamer.request("sync")
-            except LinkError as e:
-                self._lose(e)
-                return
+        except LinkError as e:
+            self._lose(e)
+            return
         if self._deep:
             self._cut_deep()
         if rep is not None:
@@ -439,14 +450,33 @@ class Runtime:
             elif rep.unstable:
                 rep.log_replayed(step, key, [], ())
 
+    def _answered_ahead(self, what: str) -> tuple[dict, list] | None:
+        """The server's answer to the wait just matched, if it ran ahead to it; None: ask for it."""
+        rep = self.replayer
+        seq = rep.answered_ahead()
+        if seq is None:
+            return None
+        reply = self.link.await_reply(seq, what)
+        stop = reply[0].get("stop")
+        if stop is not None:  # it could not go on alone
+            try:
+                rep.ahead_stopped(int(stop))
+            except (TypeError, ValueError) as e:
+                raise RrtoError(f"rrto internal error: {e}") from None
+            return None
+        self.stats.answered_ahead += 1
+        return reply
+
     def _new_replayer(self, handles_from: int | None) -> None:
         """A replayer (and lop's band robot) for the current session: recording starts afresh."""
         config = self.config
         if config.mode not in ("replay", "lop", "partition"):
             return
         more = {} if handles_from is None else {"handles_from": handles_from}
+        if config.ahead:
+            more.update(reply_numbers=lambda n: self.link.reserve(n), forget_replies=lambda qs: self.link.forget(qs))
         self.replayer = Replayer(self.stats, self._register, config.repeats, verbose=config.progress, **more)
-        self.streamer.pre_source = self.replayer.take_pre
+        self.streamer.pre_source = self.replayer.take_fields
         if config.mode in ("lop", "partition"):
             from ..lop.planning import LossPlanner, default_speedup
             from ..lop.robot import LopRobot

@@ -159,6 +159,7 @@ class LopRobot:
         if act is None or -act.pid != replayer.program.pid or tuple(x.shape) != act.chain.shapes[0] \
                 or x.dtype != act.chain.dtypes[0]:
             return False
+        replayer.cancel_ask()  # the bands are several messages; the run ahead starts after them
         for h in self._held:
             streamer.free(h)
         self._held.clear()
@@ -177,8 +178,13 @@ class LopRobot:
         replayer.skip_to = act.plan.depth
         for o in range(act.n_handles, pre.end):  # band temporaries go with the next message, after the stitch
             streamer.free(base + o)
-        self._inflight = (x, base, stitch)
         self._keep = base + act.chain.offset_at(act.plan.depth)
+        # Replay runs ahead: the stitch and the rest of the program leave now, so the server works
+        # while the robot walks through the app's calls. Else they ride on the first wait.
+        sent = replayer.ahead_from(act.plan.depth)
+        if sent:
+            streamer.notify("free")
+        self._inflight = (x, base, stitch, sent, self._keep)
         self.stats.lop_inferences += 1
         return True
 
@@ -192,9 +198,12 @@ class LopRobot:
 
     def diverged(self, pos: int, replayer, streamer) -> None:
         """The app left the program at step ``pos`` <= depth: make steps [0, pos) real on the server."""
-        x, base, stitch = self._inflight
+        x, base, stitch, sent, stitched = self._inflight
         self._inflight = None
-        replayer.drop_run(stitch)
+        if sent:  # the stitched value exists: steps [1, pos) make it again (or never, if pos < depth)
+            streamer.free(stitched)
+        else:
+            replayer.drop_run(stitch)
         _put(streamer, base + replayer.program.steps[0].out_offsets[0], x)
         replayer.add_run(replayer.program.pid, base, 1, pos)
 

@@ -19,7 +19,7 @@ natural start of an inference, when there is one.
 from __future__ import annotations
 
 from .log import PUT, OpLog
-from .program import CPU, EXT, IN, PERSIST, SHAPED, Program, Step, erase, pattern_of
+from .program import CPU, EXT, IN, PERSIST, Program, Step, erase, pattern_of
 
 _IN, _OUT = "in", "ext"
 
@@ -101,7 +101,6 @@ def _build(log: OpLog, L: int, roles: list) -> Program:
     order = list(range(r0, L)) + list(range(r0))
     pos_of = {o: p for p, o in enumerate(order)}
     offsets: list[tuple] = []  # per step: handle offset of each output
-    shaped: list[bool] = []
     n_handles = n_slots = 0
     steps, frames, descs = [], [], []
     for pos, o in enumerate(order):
@@ -114,10 +113,7 @@ def _build(log: OpLog, L: int, roles: list) -> Program:
                 if (o >= r0) != (q >= r0):  # made by the previous iteration: changes every time
                     step_roles.append((EXT, n_slots))
                     n_slots += 1
-                elif shaped[pos_of[q]]:
-                    step_roles.append((SHAPED, pos_of[q], j, n_slots))
-                    n_slots += 1
-                else:
+                else:  # a data-dependent op's outputs too: the robot names them base + ob + j
                     step_roles.append((IN, offsets[pos_of[q]][j]))
             elif kind == EXT:
                 step_roles.append((EXT, n_slots))
@@ -130,19 +126,27 @@ def _build(log: OpLog, L: int, roles: list) -> Program:
         for i, b in zip(cpu_roles, ev.cpu):
             step_roles[i] = (CPU, b)
         outs = []
-        for h in ev.outs:
-            if h is None or ev.shaped:
+        if ev.shaped:  # the server names output j (an input given back, too) base + ob + j
+            outs = list(range(n_handles, n_handles + len(ev.outs)))
+            n_handles += len(ev.outs)
+        for h in () if ev.shaped else ev.outs:
+            if h is None:
                 outs.append(None)
             else:
                 outs.append(n_handles)
                 n_handles += 1
         offsets.append(tuple(outs))
-        shaped.append(ev.shaped)
         kind = "shaped" if ev.shaped else ev.kind
         name = ev.wire["op"] if ev.wire else ""
         spec = {}
         if kind == "op":
             spec = _op_spec(ev, step_roles, tuple(outs), frames, descs)
+        elif kind == "shaped":
+            spec = _op_spec(ev, step_roles, (), frames, descs)
+            del spec["o"]
+            spec["t"], spec["ob"] = "shaped", outs[0] if outs else n_handles
+        elif kind == "get":
+            spec = {"t": "get", "a": [_marker(step_roles[0], None, 0)]}
         key = ev.key
         steps.append(Step(kind, key, erase(key), tuple(step_roles), pattern_of(ev.outs), tuple(outs), name, spec,
                           ev))
@@ -160,14 +164,7 @@ def _op_spec(ev, roles: list, outs: tuple, frames: list, descs: list) -> dict:
         if type(x) is list:
             return [walk(y) for y in x]
         if type(x) is dict and len(x) == 1 and ("h" in x or "i" in x):
-            r = next(it)
-            if r[0] == IN:
-                return {"s": r[1]}
-            if r[0] == PERSIST:
-                return {"h": r[1]}
-            if r[0] == CPU:
-                return {"i": base + x["i"]}
-            return {"x": r[-1]}
+            return _marker(next(it), x, base)
         return x
 
     spec = {"t": "op", "op": ev.wire["op"], "a": walk(ev.wire["a"])}
@@ -176,3 +173,13 @@ def _op_spec(ev, roles: list, outs: tuple, frames: list, descs: list) -> dict:
     spec["o"] = list(outs)
     return spec
 
+
+def _marker(role: tuple, wire: dict | None, base: int) -> dict:
+    """How a program names a tensor argument with this role (``wire``: its marker as sent)."""
+    if role[0] == IN:
+        return {"s": role[1]}
+    if role[0] == PERSIST:
+        return {"h": role[1]}
+    if role[0] == CPU:
+        return {"i": base + wire["i"]}
+    return {"x": role[-1]}

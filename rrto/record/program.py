@@ -11,20 +11,19 @@ Roles of a tensor argument:
   (PERSIST, h)      the same tensor every iteration (a parameter): handle ``h``
   (EXT, slot)       a tensor from outside this iteration that differs each time: the
                     robot sends its handle in slot ``slot``
-  (SHAPED, pos, j, slot)  output ``j`` of step ``pos``, an op whose output shapes only the
-                    server knows; its handle travels in ``slot``
   (CPU, bytes)      a small CPU tensor given with the op: a constant of the program
 
 Step kinds: ``op`` (deferred: the server runs it when the robot next sends anything),
-``shaped`` (an op the robot waits for), ``put``, ``get``, ``sync``, ``seed`` (their own
-messages, sent when the app reaches them).
+``shaped`` (an op whose output shapes only the server knows: the robot waits for them;
+its outputs are named ``base + ob + j`` all the same), ``put``, ``get``, ``sync``, ``seed``
+(their own messages, sent when the app reaches them, unless the server ran ahead).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-IN, PERSIST, EXT, SHAPED, CPU = range(5)
+IN, PERSIST, EXT, CPU = range(4)
 DEFERRED = "op"
 _T = "T"  # an erased tensor in a key
 
@@ -73,7 +72,7 @@ class Program:
 
     def spec(self) -> tuple[dict, list]:
         """The registration message (header fields, frames) for the server."""
-        steps = [s.spec if s.kind == DEFERRED else {"t": s.kind} for s in self.steps]
+        steps = [s.spec or {"t": s.kind} for s in self.steps]
         return {"p": self.pid, "steps": steps, "in": self.descs}, list(self.frames)
 
     def describe(self) -> str:

@@ -9,13 +9,19 @@ replayer checks each call the app makes against the next step:
   and the step joins the pending run;
 * an upload, a download, a synchronize or a data-dependent op is sent when the app
   reaches it, carrying the pending run (``"pre"``): the server first runs the
-  confirmed steps, then the message. One upload and one download per inference.
+  confirmed steps, then the message (``RRTO_AHEAD=0``: a message per wait).
 
-The server only ever runs steps the robot has confirmed, so a divergence (a call
-that differs from the step: another branch, a new scalar, other weights) is always
-safe: the steps before it are sent with the next message, that call and what
-follows go eager, and recording restarts. A call that does not match the first
-step simply runs eagerly (work between inferences) and the program stays armed.
+The upload (lop: the message after its bands) asks the server to run ahead (``"ah"``): it runs
+the rest of the iteration at once and answers every later wait with a message of its
+own (numbers reserved in ``"aq"``), so the robot's walk through the app overlaps the
+server's work and each wait finds its answer there: one message and no round trip
+per inference. The robot settles each run ahead with its next message (``"cf"``: how
+far the app came). A divergence (a call that differs from the step: another branch,
+a new scalar, other weights) is then safe either way: steps the server ran past it
+are undone (server/program.py), steps it had not run yet (it stops where it may not
+go on alone) are run first; that call and what follows go eager, recording restarts.
+A call that does not match the first step simply runs eagerly (work between
+inferences) and the program stays armed.
 """
 from __future__ import annotations
 
@@ -24,19 +30,22 @@ from typing import Any
 
 import torch
 
-from ..record import CPU, EXT, IN, PERSIST, SHAPED, Event, OpLog, Program, SequenceSearch, Step, erase
+from ..record import CPU, EXT, IN, PERSIST, Event, OpLog, Program, SequenceSearch, Step, erase
 from ..stats import Stats
 
+_STEP_MESSAGES = frozenset(("put", "get", "sync", "op", "free"))  # ("free": lop's message after its bands)
 _REPLAY_HANDLES = 2**51  # handle range of replayed iterations (eager: from 1; server-named: 2**52)
 
 
 class Replayer:
     def __init__(self, stats: Stats, register, repeats: int = 2, verbose: bool = False,
-                 handles_from: int = _REPLAY_HANDLES):
+                 handles_from: int = _REPLAY_HANDLES, reply_numbers=None, forget_replies=None):
         """``register(program)`` sends a program to the server; it returns False if refused.
 
         ``handles_from``: the first handle of replayed iterations (a replayer that takes over
         after a reconnection starts past its predecessor's, so no handle names two tensors).
+        ``reply_numbers(n)`` reserves numbers for replies sent unasked and ``forget_replies``
+        gives them up (the link's): with them, uploads ask the server to run ahead.
         """
         self.stats, self._register, self.verbose = stats, register, verbose
         self.log = OpLog()
@@ -48,7 +57,13 @@ class Replayer:
         self._next_base = handles_from
         self._pending: list[list] = []  # runs the server has not been sent yet: [pid, base, a, b, slots]
         self._run: list | None = None
-        self._shaped: dict[int, tuple] = {}  # step -> output handles of this iteration's data-dependent op
+        self._slots: list = []  # this iteration's (slot, handle) pairs, flat
+        self._reply_numbers, self._forget = reply_numbers, forget_replies
+        self._ask: int | None = None  # the step whose message is about to leave: it asks to run ahead
+        self._ahead: tuple[int, int] = (0, 0)  # steps [a, b) the server runs ahead in this iteration
+        self._answers: dict[int, int] = {}  # wait step -> number of the reply the server sends for it
+        self._no_ahead = False  # the server stopped short once in this iteration: do not ask again
+        self._settle: list | None = None  # 'cf' for the next message: how far the app came
         self._messages_at_start = 0
         self._last = 0
         self.refused: set = set()  # fingerprints of programs the server would not take
@@ -78,6 +93,7 @@ class Replayer:
         """The step this call is, with the robot committed to it; None: run it eagerly."""
         prog = self.program
         step = prog.steps[self.pos]
+        self._ask = None
         if step.kind != kind or (pattern is not None and step.pattern != pattern) or \
                 (key != step.key and erase(key) != step.ekey):
             return self._diverge(step)
@@ -96,24 +112,27 @@ class Replayer:
                 if h is None:
                     return self._diverge(step)
                 slots += (r[1], h)
-            elif role == SHAPED:
-                hs = self._shaped.get(r[1])
-                if hs is None or r[2] >= len(hs) or h != hs[r[2]]:
-                    return self._diverge(step)
-                slots += (r[3], h)
             elif role == CPU:
                 if h is not None or cpu_bytes(t) != r[1]:
                     return self._diverge(step)
         if self.pos == 0:
             self._begin()
         pos = self.pos
-        if kind == "op" and pos >= self.skip_to:
-            run = self._run
-            if run is None or run[3] != pos:
-                run = self._run = [prog.pid, self.base, pos, pos, []]
-                self._pending.append(run)
-            run[3] = pos + 1
-            run[4] += slots
+        if slots:
+            self._slots += slots
+        a, b = self._ahead
+        if a <= pos < b:
+            pass  # the server ran it ahead
+        elif kind == "op":
+            if pos >= self.skip_to:
+                run = self._run
+                if run is None or run[3] != pos:
+                    run = self._run = [prog.pid, self.base, pos, pos, []]
+                    self._pending.append(run)
+                run[3] = pos + 1
+                run[4] += slots
+        elif self._reply_numbers is not None and not self._no_ahead and kind != "seed":
+            self._ask = pos
         self._last = pos
         self.pos = pos + 1
         if self.pos == len(prog.steps):
@@ -129,9 +148,36 @@ class Replayer:
         """
         return self._last in self._folded
 
-    def shaped_outputs(self, handles: tuple) -> None:
-        """The handles the server gave the data-dependent op just matched, for later steps' checks."""
-        self._shaped[self._last] = handles
+    def answered_ahead(self) -> int | None:
+        """The number of the reply the server sends unasked for the wait just matched, or None."""
+        return self._answers.pop(self._last, None)
+
+    def ahead_stopped(self, stop: int) -> None:
+        """The server stopped before step ``stop``, short of the wait just matched: that wait is
+        asked for the usual way, its message carrying the steps from ``stop`` up to it."""
+        if not 0 <= stop <= self._last:
+            raise ValueError(f"the server stopped its run ahead at step {stop}, past the wait at {self._last}")
+        self._settle_ahead(stop)  # (already settled if that wait ended the iteration,
+        if self.pos == 0:         # whose count of messages did not expect this one)
+            self.stats.replay_messages += 1
+        if self._settle is not None:
+            self._settle[2] = stop
+        self._answers.clear()
+        self._no_ahead = True
+        if stop < self._last:
+            self._pending.append([self.program.pid, self.base, stop, self._last, list(self._slots)])
+            self._run = None
+
+    def _settle_ahead(self, reached: int) -> None:
+        """The app came as far as step ``reached``: say so with the next message; replies for
+        waits from there on will not be asked for (the one for the wait just matched still is)."""
+        if self._ahead[1]:
+            self._settle = [self.program.pid, self.base, reached, list(self._slots)]
+            gone = [q for i, q in self._answers.items() if i >= reached]
+            if gone:
+                self._forget(gone)
+            self._answers = {i: q for i, q in self._answers.items() if i < reached}
+            self._ahead = (0, 0)
 
     def log_replayed(self, step: Step, key: Any, tensors: list, outs) -> None:
         """Log a replayed step as the event it stands for (only while the program is unstable)."""
@@ -149,17 +195,55 @@ class Replayer:
     def drop_run(self, run: list) -> None:
         self._pending = [r for r in self._pending if r is not run]
 
-    def take_pre(self) -> list | None:
-        """The pending runs, for the message about to leave (the streamer asks before every send)."""
-        if not self._pending:
+    def take_fields(self, kind: str) -> dict | None:
+        """What rides on the message of type ``kind`` about to leave (the streamer asks before
+        every send): the pending runs, the last run ahead's settlement, and the run ahead that
+        the step just matched asks for, if this message is that step's."""
+        ask = self._ask is not None and kind in _STEP_MESSAGES
+        if not (self._pending or self._settle or ask):
             return None
-        pre, self._pending, self._run = self._pending, [], None
-        return pre
+        fields = {}
+        if self._settle is not None:
+            fields["cf"], self._settle = self._settle, None
+        if self._pending:
+            fields["pre"], self._pending, self._run = self._pending, [], None
+        if ask:
+            self._ask_ahead(self._ask + 1, fields)
+            self._ask = None
+        return fields
+
+    @property
+    def runs_ahead(self) -> bool:
+        return self._reply_numbers is not None
+
+    def ahead_from(self, a: int) -> bool:
+        """Ask, with the next message, that the server run steps from ``a`` on ahead (lop: the
+        steps after its bands). False if this replayer does not run ahead."""
+        if self._reply_numbers is None:
+            return False
+        self._ask = a - 1
+        return True
+
+    def cancel_ask(self) -> None:
+        """The step just matched will not be one message (lop sends its input in bands)."""
+        self._ask = None
+
+    def _ask_ahead(self, a: int, fields: dict) -> None:
+        steps = self.program.steps
+        b = next((i for i in range(a, len(steps)) if steps[i].kind in ("put", "seed")), len(steps))
+        if b <= a:
+            return
+        waits = [i for i in range(a, b) if steps[i].waits]
+        numbers = self._reply_numbers(len(waits))
+        self._ahead, self._answers = (a, b), dict(zip(waits, numbers))
+        fields["ah"] = [self.program.pid, self.base, a, b, list(self._slots)]
+        fields["aq"] = numbers
 
     def _begin(self) -> None:
         self.base = self._next_base
         self._next_base += max(self.program.n_handles, self.reserve, 1)
-        self._shaped.clear()
+        self._slots = []
+        self._no_ahead = False
         self._messages_at_start = self.stats.messages_sent
         if len(self.log) and not self.unstable:
             self.log.clear()  # replayed iterations are not logged: the log must stay contiguous
@@ -169,9 +253,11 @@ class Replayer:
         self._run = None
         self.skip_to = 0
         self.stats.replayed_inferences += 1
-        # the last step, if it is not a deferred op, is a message about to leave
-        last_sends = self.program.steps[-1].kind != "op"
+        # the last step, if it is not a deferred op or answered ahead, is a message about to leave
+        last = len(self.program.steps) - 1
+        last_sends = self.program.steps[-1].kind != "op" and not self._ahead[0] <= last < self._ahead[1]
         self.stats.replay_messages += self.stats.messages_sent - self._messages_at_start + last_sends
+        self._settle_ahead(last + 1)
 
     def _diverge(self, step: Step) -> None:
         if self.pos:
@@ -180,6 +266,7 @@ class Replayer:
                 print(f"rrto: replay diverged at step {self.pos} of {len(self.program.steps)} "
                       f"({step.name or step.kind} expected); running eagerly and recording again",
                       file=sys.stderr, flush=True)
+            self._settle_ahead(self.pos)
             if self.pos <= self.skip_to and self.on_diverge is not None:
                 self.on_diverge(self.pos)
             self.skip_to = 0

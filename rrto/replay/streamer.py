@@ -20,7 +20,7 @@ class EagerStreamer:
     def __init__(self, link: Link, handle_of: Callable[[torch.Tensor], int | None], wait_every_op: bool):
         self.link, self._handle_of, self.wait_every_op = link, handle_of, wait_every_op
         self._frees: deque[int] = deque()
-        self.pre_source: Callable[[], list | None] | None = None  # replay: runs to do before a message
+        self.pre_source: Callable[[str], dict | None] | None = None  # replay: fields riding on each message
         self.last_header: dict | None = None  # the op message sent last (the op log keeps it)
 
     def op(self, name: str, args: tuple, kwargs: dict, outs: list, wait: bool = False,
@@ -115,11 +115,11 @@ class EagerStreamer:
         self._frees.append(handle)
 
     def _attach_frees(self, header: dict) -> None:
-        """Frees and replay runs ride on whatever message leaves next."""
+        """Frees and the replayer's fields (runs to do first, a run ahead) ride on the next message."""
         if self.pre_source is not None:
-            pre = self.pre_source()
-            if pre:
-                header["pre"] = pre
+            fields = self.pre_source(header["t"])
+            if fields:
+                header.update(fields)
         if self._frees:
             fr, pop = [], self._frees.popleft
             try:
