@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rrto-server: cannot listen on {args.listen}: {e}", file=sys.stderr)
         return 2
     security = f"curve, {daemon.auth.robots} robot keys" if daemon.auth else "no keys"
+    daemon.stop_on_signals()
     print(f"rrto-server listening on {daemon.endpoint} (device {device}, torch {torch.__version__}, {security})",
           flush=True)
     daemon.serve()

@@ -89,9 +89,15 @@ class Daemon:
 
     # -- main loop ---------------------------------------------------------------------
 
-    def serve(self) -> None:
+    def stop_on_signals(self) -> None:
+        """Ctrl-C and SIGTERM stop the server cleanly (before it says it is ready: a supervisor
+        may stop it the moment it reads that line)."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+
+    def serve(self) -> None:
+        if signal.getsignal(signal.SIGTERM) != self._on_signal:
+            self.stop_on_signals()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.replies, zmq.POLLIN)

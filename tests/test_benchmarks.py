@@ -147,8 +147,8 @@ def test_quick_benchmark_writes_sane_results(tmp_path):
             assert per["messages"] == 1 and per["round_trips"] == 1 and per["bytes_up"] >= 96 * 96 * 3
         elif mode == "eager":
             assert per["messages"] > 10 and per["bytes_up"] > 96 * 96 * 3
-        else:  # lop: replayed inferences, the input up in one or more bands
-            assert 2 <= per["messages"] <= 10 and per["bytes_up"] >= 96 * 96 * 3, per
+        else:  # lop: replayed inferences, the input up whole or in bands, the answers sent unasked
+            assert 1 <= per["messages"] <= 10 and per["round_trips"] <= 1 and per["bytes_up"] >= 96 * 96 * 3, per
     for name in ("latency.png", "energy.png", "timeline.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 2000, name
