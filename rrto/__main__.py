@@ -8,7 +8,7 @@ import sys
 import traceback
 
 from .config import MODE_HELP, MODES
-from .preload.cli import SUBCOMMANDS
+from .preload.cli import SUBCOMMANDS, parse_app_arguments
 
 EPILOG = """\
 environment: RRTO_SERVER, RRTO_MODE, RRTO_STATS, RRTO_TIMEOUT, RRTO_PROGRESS, RRTO_REPEATS,
@@ -65,15 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, metavar="K",
                    help="replay: adopt the per-inference op sequence once it repeated K times (default 2)")
     p.add_argument("--quiet", action="store_true", help="no summary line at exit")
-    p.add_argument("-m", dest="module", metavar="MODULE", help="run a module as a script (like python -m)")
-    p.add_argument("script", nargs="?", help="the app to run")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="the app's own arguments")
-    ns = p.parse_args(argv)
-    if ns.module and ns.script:
-        ns.args, ns.script = [ns.script, *ns.args], None
-    if not ns.module and not ns.script:
-        p.error("name the app to run, e.g. python -m rrto app.py")
-    return ns
+    return parse_app_arguments(p, argv, "name the app to run, e.g. python -m rrto app.py")
 
 
 def keygen_main(argv: list[str]) -> int:

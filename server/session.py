@@ -297,37 +297,35 @@ class Session:
         if type(runs) is not list or len(runs) > 64:
             raise OpError("'pre' must be a short list of program runs")
         for run in runs:
-            if type(run) is not list or len(run) != 5 or not all(type(v) is int for v in run[:4]) \
-                    or type(run[4]) is not list:
-                raise OpError("a program run is [program, base, from, to, [slot, handle, ...]]")
-            pid, base, a, b, flat = run
-            prog = self.programs.get(pid)
-            if prog is None:
-                raise OpError(f"program {pid} is not registered in this session (dropped, or its tensors freed)")
-            if not 0 <= a <= b <= len(prog.steps) or not 0 < base < MAX_HANDLE:
-                raise OpError(f"bad run of program {pid}: steps {a}..{b}, base {base}")
-            if len(flat) % 2:
-                raise OpError("run slots must come in (slot, handle) pairs")
-            prog.run(self, base, a, b, dict(zip(flat[::2], flat[1::2])), dead)
+            prog, base, a, b, slots = self._program_run(run)
+            prog.run(self, base, a, b, slots, dead)
             self.programs_run += 1
 
-    def _check_ahead(self, ah, aq) -> tuple:
-        """Validate a run-ahead request: ``ah`` [program, base, from, to, [slot, handle, ...]], ``aq`` seqs."""
-        if self._ahead_run is not None:  # never settled (the robot moved on): keep what it did
-            self._ahead_run.release(self)
-            self._ahead_run = None
-        if type(ah) is not list or len(ah) != 5 or not all(type(v) is int for v in ah[:4]) or type(ah[4]) is not list \
-                or len(ah[4]) % 2 or type(aq) is not list or not all(type(q) is int for q in aq):
-            raise OpError("a run ahead is 'ah': [program, base, from, to, [slot, handle, ...]] with 'aq': [seq, ...]")
-        pid, base, a, b, flat = ah
+    def _program_run(self, run) -> tuple:
+        """A run [program, base, from, to, [slot, handle, ...]], checked: (program, base, from, to, slots)."""
+        if type(run) is not list or len(run) != 5 or not all(type(v) is int for v in run[:4]) \
+                or type(run[4]) is not list:
+            raise OpError("a program run is [program, base, from, to, [slot, handle, ...]]")
+        pid, base, a, b, flat = run
         prog = self.programs.get(pid)
         if prog is None:
             raise OpError(f"program {pid} is not registered in this session (dropped, or its tensors freed)")
         if not 0 <= a <= b <= len(prog.steps) or not 0 < base < MAX_HANDLE:
-            raise OpError(f"bad run ahead of program {pid}: steps {a}..{b}, base {base}")
-        if len(aq) != sum(k in ("get", "sync", "shaped") for k in prog.kinds[a:b]):
+            raise OpError(f"bad run of program {pid}: steps {a}..{b}, base {base}")
+        if len(flat) % 2:
+            raise OpError("run slots must come in (slot, handle) pairs")
+        return prog, base, a, b, dict(zip(flat[::2], flat[1::2]))
+
+    def _check_ahead(self, ah, aq) -> tuple:
+        """Validate a run-ahead request: 'ah' a program run, 'aq' a reply number per wait in it."""
+        if self._ahead_run is not None:  # never settled (the robot moved on): keep what it did
+            self._ahead_run.release(self)
+            self._ahead_run = None
+        prog, base, a, b, slots = self._program_run(ah)
+        if type(aq) is not list or not all(type(q) is int for q in aq) \
+                or len(aq) != sum(k in ("get", "sync", "shaped") for k in prog.kinds[a:b]):
             raise OpError("a run ahead needs one reply number in 'aq' per wait in its steps")
-        return prog, base, a, b, dict(zip(flat[::2], flat[1::2])), aq
+        return prog, base, a, b, slots, aq
 
     def _answer_ahead(self, header: dict, sock) -> None:
         """Run ahead what the message asked for; every number in 'aq' gets exactly one reply."""

@@ -43,6 +43,21 @@ example:
   rrto trace examples/camera_loop.py --frames 20"""
 
 
+
+def parse_app_arguments(p: argparse.ArgumentParser, argv: list[str] | None, missing: str) -> argparse.Namespace:
+    """Parse ``p``'s options followed by the app: ``app.py ARGS...`` or ``-m MODULE ARGS...``.
+
+    ``missing``: the error when no app is named."""
+    p.add_argument("-m", dest="module", metavar="MODULE", help="run a module as a script (like python -m)")
+    p.add_argument("script", nargs="?", help="the app to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the app's own arguments")
+    ns = p.parse_args(argv)
+    if ns.module and ns.script:
+        ns.args, ns.script = [ns.script, *ns.args], None
+    if not ns.module and not ns.script:
+        p.error(missing)
+    return ns
+
 def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     return {"run": run, "trace": trace, "preload-path": preload_path}[command](rest)
@@ -171,14 +186,7 @@ def trace(argv: list[str]) -> int:
     p.add_argument("--warmup", type=int, default=1, metavar="N",
                    help="inferences left out of the per-inference median (default 1)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    p.add_argument("-m", dest="module", metavar="MODULE", help="run a module as a script (like python -m)")
-    p.add_argument("script", nargs="?", help="the app to run")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="the app's own arguments")
-    ns = p.parse_args(argv)
-    if ns.module and ns.script:
-        ns.args, ns.script = [ns.script, *ns.args], None
-    if not ns.module and not ns.script:
-        p.error("name the app to trace, e.g. rrto trace app.py")
+    ns = parse_app_arguments(p, argv, "name the app to trace, e.g. rrto trace app.py")
     if ns.syncs_per_inference < 1 or ns.warmup < 0:
         p.error("--syncs-per-inference must be at least 1 and --warmup at least 0")
     if ns.script and not os.path.exists(ns.script):
