@@ -131,7 +131,6 @@ class Program:
         finally:
             local.clear()
 
-
     def ahead(self, session, base: int, a: int, b: int, slots: dict, seqs: list, send) -> "AheadRun":
         """Run steps ``a`` to ``b - 1`` before the robot confirms them (see the module's docstring).
 
