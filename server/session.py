@@ -104,6 +104,10 @@ class Session:
             sock.close(linger=0)
             self.handles.clear()
             self._storages.clear()
+            self.programs.clear()
+            self._ahead_run = self._ahead_job = None
+            while not self.inbox.empty():  # requests sent after the goodbye: their frames go too
+                self.inbox.get_nowait()
 
     # -- requests ----------------------------------------------------------------
 
