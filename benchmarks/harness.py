@@ -167,7 +167,7 @@ def _run(s: Settings, cleanup: Cleanup) -> dict:
     host = net.server_host
     if any(ok and m not in ("direct", "local") for m, ok in modes.items()):
         _, m = start_server([py, "-m", "server", "--listen", f"tcp://{host}:0", "--device", s.server_device,
-                             "--log-level", "warning", "--exit-with-parent",
+                             "--log-level", "warning", "--exit-with-parent", "--heap-mmap-mb", "32",
                              *(["--insecure"] if host not in ("127.0.0.1", "localhost") else [])],
                             # the veth pair lives in namespaces of our own: no other machine reaches it
                             r"listening on tcp://([\d.]+):(\d+) \(device (\S+), torch ([^,)]+)[,)]")

@@ -38,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-cache-mb", type=int, default=512,
                    help="content-addressed cache of robots' weights, shared by all sessions, MiB: a robot that "
                    "reconnects sends digests instead of the bytes (default: %(default)s)")
+    p.add_argument("--heap-mmap-mb", type=int, default=1, metavar="MB",
+                   help="allocations this big get their own memory mappings, returned on free: 1 keeps a "
+                   "long-running server's memory flat under any traffic; a CPU server running big "
+                   "convolutions is up to 2x faster with 32, at the cost of heap memory kept after "
+                   "hostile traffic (no effect on GPU tensors) (default: %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=1800.0,
                    help="close a session silent this many seconds (default: %(default)s)")
     p.add_argument("--keys", metavar="DIR",
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(max_session_bytes=args.max_session_mb << 20, max_tensor_bytes=args.max_tensor_mb << 20,
                     weight_cache_bytes=args.weight_cache_mb << 20)
     try:
-        daemon = Daemon(args.listen, device, limits, max_sessions=args.max_sessions,
+        daemon = Daemon(args.listen, device, limits, max_sessions=args.max_sessions, heap_mmap_mb=args.heap_mmap_mb,
                         idle_timeout=args.idle_timeout, exit_with_parent=args.exit_with_parent, keys=args.keys)
     except ValueError as e:  # the key folder
         print(f"rrto-server: --keys {args.keys}: {e}", file=sys.stderr)

@@ -32,10 +32,11 @@ MAX_FRAMES = 1024  # tensor frames in one message: far more inline tensors than 
 
 class Daemon:
     def __init__(self, listen: str, device: torch.device, limits: Limits, max_sessions: int = 64,
-                 idle_timeout: float = 1800.0, exit_with_parent: bool = False, keys: str | None = None):
+                 idle_timeout: float = 1800.0, exit_with_parent: bool = False, keys: str | None = None,
+                 heap_mmap_mb: int = 1):
         self.device, self.limits, self.max_sessions = device, limits, max_sessions
         self.idle_timeout = idle_timeout
-        bound_heap_growth()
+        bound_heap_growth(heap_mmap_mb)
         self.parent = os.getppid() if exit_with_parent else None
         self.ops = OpTable()
         self.sizes = SizeCheck(limits.max_tensor_bytes)
@@ -277,26 +278,22 @@ def _libc():
 
 _glibc = _libc()
 M_MMAP_THRESHOLD = -3
-M_ARENA_MAX = -8
 
 
-def bound_heap_growth() -> None:
-    """Keep the server's memory near what its sessions hold, without slowing its ops.
+def bound_heap_growth(mmap_mb: int = 1) -> None:
+    """Serve allocations of ``mmap_mb`` MiB or more from their own mappings, returned on free.
 
-    Tensors of 32 MiB or more come from their own mappings, returned on free. glibc would
-    otherwise raise that threshold after each large free (up to the same 32 MiB), after
-    which such tensors come from heaps that keep their peak. A lower threshold costs
-    dearly: at 1 MiB every activation and convolution workspace of a real model is a
-    fresh mapping, zero-filled page by page at each op (the 3-D completion net ran 98 ms
-    per frame on the server against 45 ms locally; about 55 ms at 32 MiB).
-
-    One arena for all threads: with one per session thread, freed tensors stayed spread
-    over arenas that trimming did not shrink (the fuzz test saw +200 MiB in one run of
-    three); with one, malloc_trim at a session's end gives it all back.
+    glibc raises its mmap threshold after each large free (up to 32 MiB), after which
+    tensors come from heaps that keep their peak: one robot sending big uploads would
+    leave the edge box that much poorer for good. A fixed threshold stops that. 1 MiB
+    (the default) keeps memory flat even under the fuzz test, but on a CPU server every
+    activation and convolution workspace of a real model is then a fresh mapping,
+    zero-filled page by page at each op: the 3-D completion net ran 98 ms per frame
+    against 52 ms at 32 MiB, where heaps kept up to ~200 MiB after the fuzz test. On a
+    CUDA server tensors live in GPU memory and this only concerns message buffers.
     """
     if _glibc is not None:
-        _glibc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        _glibc.mallopt(M_ARENA_MAX, 1)
+        _glibc.mallopt(M_MMAP_THRESHOLD, max(1, mmap_mb) << 20)
 
 
 def release_freed_memory() -> None:
