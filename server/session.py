@@ -62,7 +62,6 @@ class Session:
         self.programs_run = 0
         self._ahead_job: tuple | None = None  # (program, base, from, to, slots, seqs): run after the reply
         self._ahead_run: AheadRun | None = None  # the last run ahead, until the robot settles it
-        self.held_bytes = 0  # old values kept by runs ahead (part of live_bytes)
 
     # -- worker ------------------------------------------------------------------
 
@@ -380,7 +379,6 @@ class Session:
         """Count (or, negative, stop counting) bytes the session keeps outside its handles."""
         if nbytes > 0:
             self._reserve(nbytes)
-        self.held_bytes += nbytes
         self.live_bytes += nbytes
 
     def free_handles(self, handles: list) -> None:

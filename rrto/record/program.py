@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 IN, PERSIST, EXT, CPU = range(4)
-DEFERRED = "op"
 _T = "T"  # an erased tensor in a key
 
 

@@ -212,10 +212,6 @@ class Replayer:
             self._ask = None
         return fields
 
-    @property
-    def runs_ahead(self) -> bool:
-        return self._reply_numbers is not None
-
     def ahead_from(self, a: int) -> bool:
         """Ask, with the next message, that the server run steps from ``a`` on ahead (lop: the
         steps after its bands). False if this replayer does not run ahead."""
