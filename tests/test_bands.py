@@ -65,6 +65,8 @@ def test_chain_found(recorded, name):
             assert st.need(0, st.rows) == (0, H)  # all rows need the whole input
             lo, hi = st.need(0, 1)
             assert lo == 0 and 0 < hi <= H  # the top row needs a top band of the input
+        los, his = st.row_needs()  # the planner's table, all rows at once
+        assert list(zip(los.tolist(), his.tolist())) == [st.need(r, r + 1) for r in range(st.rows)]
 
 
 @pytest.mark.parametrize("name", MODELS)

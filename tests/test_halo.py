@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rrto.lop.halo import Transposed, Window, chain_need, clip, need_graph
+from rrto.lop.analysis import Upsample
+from rrto.lop.halo import Transposed, Window, chain_need, clip, need_graph, need_rows
 
 torch.manual_seed(0)
 
@@ -194,3 +195,17 @@ def test_residual_block_needs_union_of_branches():
 
 
 IDENT = Window()
+
+
+def test_need_rows_equals_need_graph_row_by_row():
+    """The planner's table of single-row needs, computed for all rows at once, is need_graph's:
+    stride, dilation, padding past the border, a residual join, a transposed conv, an upsample."""
+    nodes = [(1, [(0, Window(7, 2, 3))]), (2, [(1, Window(3, 2, 1, 2))]), (3, [(2, Window(3, 1, 1))]),
+             (4, [(1, Window(1, 2, 0))]), (5, [(3, IDENT), (4, IDENT)]), (6, [(5, Transposed(4, 2, 1))]),
+             (7, [(6, Upsample(2))]), (8, [(7, Window(5, 1, 0))])]
+    rows = {0: 64, 1: 32, 2: 16, 3: 16, 4: 16, 5: 16, 6: 32, 7: 64, 8: 60}
+    for out in range(1, 9):
+        sub = [n for n in nodes if n[0] <= out]
+        lo, hi = need_rows(sub, rows, out)
+        want = [need_graph(sub, rows, out, r, r + 1).get(0, (0, 0)) for r in range(rows[out])]
+        assert list(zip(lo.tolist(), hi.tolist())) == want, out

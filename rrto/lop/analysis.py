@@ -26,7 +26,7 @@ import torch
 
 from rrto.record.program import IN, Program
 
-from .halo import IDENTITY, Transposed, Window, need_graph
+from .halo import IDENTITY, Transposed, Window, need_graph, need_rows
 
 ROW = 2  # the banded axis
 
@@ -37,7 +37,11 @@ class Upsample:
     f: int
 
     def need(self, a: int, b: int) -> tuple[int, int]:
-        return (a // self.f, (b - 1) // self.f + 1) if b > a else (0, 0)
+        return self.span(a, b) if b > a else (0, 0)
+
+    def span(self, a, b):
+        """``need`` of a non-empty range; elementwise on arrays of rows too."""
+        return (a // self.f, (b - 1) // self.f + 1)
 
 
 @dataclass
@@ -70,6 +74,10 @@ class StepInfo:
         """Rows of the chain input that rows [a, b) of this step's output need."""
         return self.chain.need(self.index + 1, a, b)
 
+    def row_needs(self) -> tuple:
+        """``need(r, r + 1)`` of every output row, as two arrays (lo, hi)."""
+        return self.chain.row_needs(self.index + 1)
+
 
 class Chain:
     def __init__(self, program: Program, nodes: list[Node], state: "_State", ends: str, reads: dict,
@@ -80,6 +88,8 @@ class Chain:
         self._reads = reads  # value -> last step reading it
         self._side_reads = side_reads  # step -> last step reading one of its non-banded outputs
         self._outs = [n.out for n in nodes]
+        self._rows = {v: self.rows(v) for v in self.shapes}
+        self._need: dict = {}  # (depth, a, b) -> input rows: the planner asks for the same bands again and again
 
     def __len__(self) -> int:
         """Steps [0, len) are the chain (step 0: the input upload); 0 if there is no chain."""
@@ -129,12 +139,19 @@ class Chain:
 
     def ranges(self, depth: int, a: int, b: int) -> dict:
         """Rows of every value that rows [a, b) of the value cut at ``depth`` need."""
-        rows = {v: self.rows(v) for v in self.shapes}
-        return need_graph(self.graph(depth), rows, self.value_at(depth), a, b)
+        return need_graph(self.graph(depth), self._rows, self.value_at(depth), a, b)
+
+    def row_needs(self, depth: int) -> tuple:
+        """``need(depth, r, r + 1)`` for every row r of the value cut at ``depth``, as two arrays."""
+        return need_rows(self.graph(depth), self._rows, self.value_at(depth))
 
     def need(self, depth: int, a: int, b: int) -> tuple[int, int]:
         """Rows of the input (clipped) that rows [a, b) of the value cut at ``depth`` need."""
-        return self.ranges(depth, a, b).get(0, (0, 0))
+        key = (depth, a, b)
+        lo_hi = self._need.get(key)
+        if lo_hi is None:
+            lo_hi = self._need[key] = self.ranges(depth, a, b).get(0, (0, 0))
+        return lo_hi
 
     def steps(self) -> list[StepInfo]:
         out = []

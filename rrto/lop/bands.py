@@ -13,6 +13,7 @@ same list as a registered program, with nothing but allowlisted ops.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,6 +38,7 @@ class Band:
     ops: list  # op steps; outputs at offsets first + 1, ...
     out: int  # offset of the band's result
     end: int  # first offset the band does not use
+    nodes: list  # per op step, the chain node it computes (or pads and slices for)
 
 
 def band(chain: Chain, depth: int, a: int, b: int, first: int = 0) -> Band:
@@ -45,6 +47,7 @@ def band(chain: Chain, depth: int, a: int, b: int, first: int = 0) -> Band:
     lo, hi = ranges.get(0, (0, 0))
     have = {0: (first, lo)}  # value -> (offset holding it, its first row)
     ops: list = []
+    nodes: list = []
     nxt = [first + 1]
 
     def emit(name: str, args: list, kwargs: dict | None = None) -> int:
@@ -71,16 +74,17 @@ def band(chain: Chain, depth: int, a: int, b: int, first: int = 0) -> Band:
         return off
 
     target = chain.value_at(depth)
-    for n in chain.nodes[1:depth]:
+    for j, n in enumerate(chain.nodes[1:depth], 1):
         if n.out is None or n.out not in ranges or ranges[n.out][1] <= ranges[n.out][0]:
             continue
         r0, r1 = ranges[n.out]
         have[n.out] = (_node_band(n, chain, r0, r1, rows_of, emit), r0)
+        nodes += [j] * (len(ops) - len(nodes))
     out = have[target][0]
     r = ranges[target]
     if r != (a, b):  # cannot happen for a clipped band; a guard against a wrong plan
         raise ValueError(f"band [{a}, {b}) of a value with {chain.rows(target)} rows")
-    return Band(a, b, lo, hi, ops, out, nxt[0])
+    return Band(a, b, lo, hi, ops, out, nxt[0], nodes)
 
 
 def _node_band(n: Node, chain: Chain, r0: int, r1: int, rows_of: Callable, emit: Callable) -> int:
@@ -146,9 +150,11 @@ def constants(program: Program) -> list:
     return [codec.frame_tensor(d, f, 1 << 16) for d, f in zip(program.descs, program.frames)]
 
 
-def run_ops(ops: list, env: dict, params: dict, consts: list = ()) -> dict:
-    """Run op steps on CPU tensors: ``env`` maps offsets to tensors (filled with the outputs)."""
+def run_ops(ops: list, env: dict, params: dict, consts: list = (), times: list | None = None) -> dict:
+    """Run op steps on CPU tensors: ``env`` maps offsets to tensors (filled with the outputs).
+    ``times``: gets each op's seconds (the planner's profile)."""
     cpu = torch.device("cpu")
+    clock = time.perf_counter
 
     def ref(kind: str, n: int):
         if kind != "s":
@@ -157,10 +163,13 @@ def run_ops(ops: list, env: dict, params: dict, consts: list = ()) -> dict:
     # plain CPU tensors only: rrto's own function mode (active in the app) has nothing to do here
     with torch._C.DisableTorchFunction():
         for st in ops:
+            t0 = clock()
             args = codec.decode_value(st["a"], params.__getitem__, consts.__getitem__, cpu, ref)
             kwargs = {key: codec.decode_value(v, params.__getitem__, consts.__getitem__, cpu, ref)
                       for key, v in st.get("k", {}).items()}
             res = op_of(st["op"])(*args, **kwargs)
+            if times is not None:
+                times.append(clock() - t0)  # decoding included: the band executor pays it too
             res = res if isinstance(res, (tuple, list)) else (res,)
             for o, t in zip(st["o"], res):
                 if o is not None:
@@ -179,6 +188,17 @@ def run_band(chain: Chain, depth: int, a: int, b: int, x: torch.Tensor, params: 
     bd = band(chain, depth, a, b)
     env = run_ops(bd.ops, {0: input_rows(chain, x, bd.lo, bd.hi)}, params, consts)
     return env[bd.out]
+
+
+def node_times(chain: Chain, depth: int, x: torch.Tensor, params: dict, consts: list = ()) -> list[float]:
+    """Seconds each chain node before ``depth`` takes on the robot, whole height, from one run."""
+    bd = band(chain, depth, 0, chain.rows(chain.value_at(depth)))
+    times: list = []
+    run_ops(bd.ops, {0: input_rows(chain, x, bd.lo, bd.hi)}, params, consts, times)
+    per_node = [0.0] * len(chain.nodes)
+    for n, t in zip(bd.nodes, times):
+        per_node[n] += t
+    return per_node
 
 
 def run_plan(chain: Chain, plan: BandPlan, x: torch.Tensor, params: dict, consts: list = ()) -> torch.Tensor:

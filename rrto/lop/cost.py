@@ -58,6 +58,7 @@ class StepCost:
     robot_table: dict[int, float] = field(default_factory=dict)
     server_table: dict[int, float] = field(default_factory=dict)
     cut_bytes: Optional[int] = None  # bytes live right after this step, when the analysis knows (overrides inputs)
+    row_needs: Optional[Callable] = None  # () -> need(r, r + 1) of every row as arrays (lo, hi): faster
 
 
 @dataclass
@@ -107,7 +108,8 @@ class Profile:
         the first record's rows (the analysis' step 0 is the input upload). Times default
         to 0 until ``StepTimes`` has measured them."""
         steps = [StepCost(i.name, True, i.rows, i.bytes, robot_s[k] if robot_s else 0.0,
-                          server_s[k] if server_s else 0.0, need=i.need, cut_bytes=i.bytes)
+                          server_s[k] if server_s else 0.0, need=i.need, cut_bytes=i.bytes,
+                          row_needs=getattr(i, "row_needs", None))
                  for k, i in enumerate(infos)]
         rows = in_rows if in_rows is not None else (infos[0].rows if infos else 1)
         return Profile(steps + list(tail), in_bytes, rows, result_bytes, depths=depths)
@@ -179,8 +181,11 @@ class Profile:
             los = np.full((len(chain), width), np.iinfo(np.int64).max, dtype=np.int64)
             his = np.full((len(chain), width), np.iinfo(np.int64).max, dtype=np.int64)
             for j, s in enumerate(chain):
-                pairs = np.array([s.need(r, r + 1) for r in range(s.rows)], dtype=np.int64).reshape(-1, 2)
-                los[j, :s.rows], his[j, :s.rows] = pairs[:, 0], pairs[:, 1]
+                if s.row_needs is not None:
+                    los[j, :s.rows], his[j, :s.rows] = s.row_needs()
+                else:
+                    pairs = np.array([s.need(r, r + 1) for r in range(s.rows)], dtype=np.int64).reshape(-1, 2)
+                    los[j, :s.rows], his[j, :s.rows] = pairs[:, 0], pairs[:, 1]
             hit = (los, his, np.array([s.rows for s in chain], dtype=np.int64))
             self._cache["need"] = hit
         return hit

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Window:
@@ -28,8 +30,10 @@ class Window:
 
     def need(self, a: int, b: int) -> tuple[int, int]:
         """Input rows (unclipped) that output rows [a, b) read."""
-        if b <= a:
-            return (0, 0)
+        return (0, 0) if b <= a else self.span(a, b)
+
+    def span(self, a, b):
+        """``need`` of a non-empty range; elementwise on arrays of rows too."""
         return (a * self.s - self.p, (b - 1) * self.s - self.p + self.d * (self.k - 1) + 1)
 
     def out_rows(self, h: int, ceil_mode: bool = False) -> int:
@@ -54,10 +58,11 @@ class Transposed:
     d: int = 1
 
     def need(self, a: int, b: int) -> tuple[int, int]:
-        if b <= a:
-            return (0, 0)
-        lo = -(-(a + self.p - self.d * (self.k - 1)) // self.s)
-        return (lo, (b - 1 + self.p) // self.s + 1)
+        return (0, 0) if b <= a else self.span(a, b)
+
+    def span(self, a, b):
+        """``need`` of a non-empty range; elementwise on arrays of rows too."""
+        return (-(-(a + self.p - self.d * (self.k - 1)) // self.s), (b - 1 + self.p) // self.s + 1)
 
     def out_rows(self, h: int, output_padding: int = 0) -> int:
         return (h - 1) * self.s - 2 * self.p + self.d * (self.k - 1) + 1 + output_padding
@@ -113,3 +118,30 @@ def need_graph(nodes: list, rows: dict, out: int, a: int, b: int) -> dict:
         for u, w in ins:
             need[u] = hull(need.get(u), clip(*w.need(*r), rows[u]))
     return need
+
+
+def need_rows(nodes: list, rows: dict, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """``need_graph(nodes, rows, out, r, r + 1)[0]`` for every row r of ``out`` at once: the
+    chain-input rows [lo, hi) each single output row needs ((0, 0): none), as two arrays.
+    Windows map arrays of rows with ``span``."""
+    r = np.arange(rows[out], dtype=np.int64)
+    need: dict = {out: (r, r + 1)}
+    for v, ins in reversed(nodes):
+        got = need.get(v)
+        if got is None:
+            continue
+        lo, hi = got
+        empty = hi <= lo
+        for u, w in ins:
+            a, b = w.span(lo, np.maximum(hi, lo + 1))  # (empty ranges are masked below)
+            a, b = np.maximum(a, 0), np.minimum(b, rows[u])
+            gone = empty | (b <= a)
+            a, b = np.where(gone, 0, a), np.where(gone, 0, b)
+            old = need.get(u)
+            if old is not None:  # hull: an empty range covers nothing
+                o_empty, n_empty = old[1] <= old[0], b <= a
+                a = np.where(o_empty, a, np.where(n_empty, old[0], np.minimum(old[0], a)))
+                b = np.where(o_empty, b, np.where(n_empty, old[1], np.maximum(old[1], b)))
+            need[u] = (a, b)
+    return need.get(0, (np.zeros_like(r), np.zeros_like(r)))
+

@@ -2,8 +2,8 @@
 the link with the robot's own transfers, and let ``loss.plan`` choose the BandPlan.
 
 What is measured, when a program is adopted (once; a few tens of ms):
-  robot time    up to 8 clean cuts' whole-height bands run on the robot's parameter
-                copies, in a background thread, shared out to the steps of its segment;
+  robot time    one whole-height run of the chain up to its deepest cut on the robot's
+                parameter copies, timed op by op, in a background thread;
   link          three small and three 256 KiB probe round trips through the session's
                 own socket, fitted by ``LinkEstimator`` (rtt + bytes / bandwidth).
 Server step times are the robot's divided by ``server_speedup`` (RRTO_LOP_SERVER_SPEEDUP;
@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .analysis import Chain
-from .bands import run_band
+from .bands import node_times, run_band
 from .cost import LinkEstimator, Power, Profile, StepCost, simulate
 from . import baselines
 from .bands import constants
@@ -57,22 +57,20 @@ class LossPlanner:
         for n in (0, PROBE_BYTES, 0, PROBE_BYTES, 0, PROBE_BYTES):
             self.link.add(n + 200, self.probe(n))
 
-    def profile(self, chain: Chain) -> tuple[Profile, list[int]]:
+    def profile(self, chain: Chain) -> tuple[Profile | None, list[int]]:
         cuts = [d for d in chain.cuts() if d > 1]
-        if len(cuts) > MAX_CUTS:  # each cut profiled costs a run of the chain up to it
+        if len(cuts) > MAX_CUTS:  # the planner's search space grows with the cuts offered
             cuts = sorted({cuts[round(i * (len(cuts) - 1) / (MAX_CUTS - 1))] for i in range(MAX_CUTS)})
+        if not cuts:
+            return None, []
         x = torch.zeros(chain.shapes[0], dtype=chain.dtypes[0])
         consts = constants(chain.program)
         infos = chain.steps()
-        robot = [0.0] * len(infos)
-        prev = 0.0
         with torch.no_grad():
             run_band(chain, cuts[0], 0, chain.rows(chain.value_at(cuts[0])), x, self.copies, consts)  # warm-up
-            for d in cuts:
-                rows = chain.rows(chain.value_at(d))
-                best = _timed(lambda: run_band(chain, d, 0, rows, x, self.copies, consts))
-                robot[d - 1] = max(best - prev, 0.0)
-                prev = max(prev, best)
+            # one whole-height run to the deepest cut, timed op by op: the planner shares the robot's
+            # CPU with the app, so it profiles each step once (it used to run the chain up to each cut)
+            robot = node_times(chain, cuts[-1], x, self.copies, consts)[:len(infos)]
         server = [r / self.speedup for r in robot]
         server[0] = 0.0  # the upload: the server computes nothing for it
         out = infos[-1]
@@ -86,6 +84,7 @@ class LossPlanner:
         prof, cuts = self.profile(chain)
         if not cuts:
             return None
+        t1 = time.perf_counter()
         link = self.link.link()
         if self.layers_only:
             p, e = baselines.neurosurgeon(prof, link, self.power)
@@ -99,16 +98,11 @@ class LossPlanner:
             simulate(prof, p, link, self.power, trace=events)
             self.stats.timeline = [[lane, round(a, 6), round(b, 6), f"{label} (model)"] for lane, a, b, label in events]
         if self.verbose:
-            print(f"rrto: lop: {'layer cut' if self.layers_only else 'LOSS'} planned in {(time.perf_counter() - t0) * 1e3:.0f} ms for "
+            print(f"rrto: lop: profiled in {(t1 - t0) * 1e3:.0f} ms, {'layer cut' if self.layers_only else 'LOSS'} "
+                  f"planned in {(time.perf_counter() - t1) * 1e3:.0f} ms for "
                   f"{link.bandwidth * 8 / 1e6:.0f} Mbit/s, rtt {link.rtt * 1e3:.1f} ms: depth {p.depth}, "
                   f"{p.n_bands} band(s), {sum(p.robot)} on the robot, modelled {choice.latency * 1e3:.1f} ms",
                   file=sys.stderr, flush=True)
         if p.depth not in cuts or not any(p.robot):
             return None  # full offload: plain replay does that with less machinery
         return p
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0

@@ -18,6 +18,7 @@ had reached, so eager execution continues on exactly the tensors replay would ha
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from typing import Callable
@@ -108,6 +109,7 @@ class LopRobot:
         return program.n_handles
 
     def _plan(self, job: tuple) -> None:
+        _yield_to_the_app()
         try:
             plan = self.planner(job[1])
         except Exception as e:  # noqa: BLE001 - a planner bug must cost only the speed-up
@@ -206,6 +208,15 @@ class LopRobot:
             replayer.drop_run(stitch)
         _put(streamer, base + replayer.program.steps[0].out_offsets[0], x)
         replayer.add_run(replayer.program.pid, base, 1, pos)
+
+
+def _yield_to_the_app() -> None:
+    """Lowest CPU priority for the calling (planning) thread: on a robot's few cores the app's
+    inference comes first; planning uses what the app leaves idle (Linux: a thread's nice)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # no per-thread priorities here: plan at the app's
+        pass
 
 
 def _put(streamer, handle: int, t: torch.Tensor) -> None:
