@@ -43,6 +43,7 @@ class Stats:
     lop_depth: int = 0  # the plan: robot bands run steps [0, depth)
     lop_bands: int = 0
     lop_robot_bands: int = 0
+    lop_server_measured: bool = False  # the plan used server step times measured on the server
     # lop: the planned inference's modelled schedule, [lane, start_s, end_s, label] per interval
     timeline: list = field(default_factory=list)
     robot_torch: str = ""

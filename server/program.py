@@ -20,6 +20,7 @@ state) stops the run there until the robot confirms it.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from .ops import OpError, OpInfo, short_error
 MAX_STEPS = 100_000
 MAX_PROGRAMS = 16
 ITERATION_HANDLES = MAX_STEPS * 64  # offsets one iteration may use: its handles are base + offset
+clock = time.perf_counter
 
 
 class _Fill:
@@ -56,6 +58,10 @@ class ProgramStep:
 class Program:
     def __init__(self, pid: int, steps: list, kinds: list, persistent: set):
         self.pid, self.steps, self.kinds, self.persistent = pid, steps, kinds, persistent
+        # per step, the fastest it ran here (lop's planner asks: its server step times are measured)
+        self.seconds = [0.0] * len(steps)
+        self.timed_runs = 0  # runs that reached its last op step
+        self.last_op = max((i for i, st in enumerate(steps) if st is not None and st.kind == "op"), default=-1)
 
     @classmethod
     def decode(cls, header: dict, frames: list, session) -> "Program":
@@ -119,7 +125,9 @@ class Program:
                                 raise OpError(f"program {self.pid} step {i}: tensor slot {f.n} was not given")
                             box[where] = tensor(h)
                     outs = [None if o is None or base + o in dead else base + o for o in st.outs]
+                    t0 = clock()
                     _, made, _ = session.execute(st.info, st.args, st.kwargs, outs)
+                    self._timed(i, clock() - t0)
                     for o, h, t in zip(st.outs, outs, made):
                         if o is not None and h is None and not isinstance(t, str):
                             local[o] = t
@@ -174,7 +182,9 @@ class Program:
                         continue
                     outs = [None if o is None else base + o for o in st.outs]
                     run.made.append((i, outs))
+                    t0 = clock()
                     session.execute(st.info, st.args, st.kwargs, outs)
+                    self._timed(i, clock() - t0)
                 finally:
                     _unfill(st)
             else:
@@ -189,6 +199,13 @@ class Program:
         for q in waits:
             send({**stop, "q": q}, [])
         return run
+
+    def _timed(self, i: int, seconds: float) -> None:
+        best = self.seconds[i]
+        if best == 0.0 or seconds < best:
+            self.seconds[i] = seconds
+        if i == self.last_op:
+            self.timed_runs += 1
 
     def _fill(self, st: ProgramStep, session, base: int, slots: dict) -> bool:
         """Put the iteration's tensors into a step's holes; False when a slot was not given."""

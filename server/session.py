@@ -185,11 +185,23 @@ class Session:
             return {}, []
         if t == "mem":
             return {"allocated": self.live_bytes, "limit": self.limits.max_session_bytes}, []
+        if t == "times":
+            return self._step_times(h.get("p")), []
         if t == "prog":
             return self._register(h, frames)
         if t in ("free", "bye"):
             return {}, []
         raise OpError(f"unknown request type {str(t)[:40]!r}")
+
+    def _step_times(self, pid) -> dict:
+        """Seconds each op step of a program took here (the fastest run seen; 0: not run yet),
+        for lop's planner. A CUDA server's host clock sees launches, not kernels: no figures."""
+        prog = self.programs.get(pid) if type(pid) is int else None
+        if prog is None:
+            raise OpError(f"no program {str(pid)[:20]} in this session")
+        if self.device.type != "cpu":
+            return {"s": None, "runs": prog.timed_runs}
+        return {"s": [round(x, 7) for x in prog.seconds], "runs": prog.timed_runs}
 
     def _adopt(self, items) -> dict:
         """Bind weights the robot names by digest from the cache: [[handle, descriptor, digest], ...].

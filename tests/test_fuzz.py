@@ -94,7 +94,7 @@ MARKERS = st.one_of(
     st.builds(lambda v: {"c": v}, JSON), st.just({"ly": "sparse_coo"}))
 VALUES = st.one_of(JSON, MARKERS, st.lists(MARKERS | SCALARS, max_size=5))
 KEYS = ["t", "s", "q", "op", "a", "k", "o", "ob", "in", "h", "d", "fr", "seed", "v", "pre", "ah", "aq", "cf"]
-TYPES = ["op", "put", "get", "sync", "seed", "mem", "free", "bye", "hello", "stats", "nope", ""]
+TYPES = ["op", "put", "get", "sync", "seed", "mem", "times", "free", "bye", "hello", "stats", "nope", ""]
 DANGEROUS = ["aten::from_file.default", "aten::_nested_tensor_from_mask.default", "aten::set_.source_Storage",
              "aten::resize_.default", "prims::add.default", "os.system", "aten::_pin_memory.default"]
 DESCS = st.fixed_dictionaries({

@@ -55,6 +55,7 @@ def test_planned_modes_equal_local(tmp_path, server, mode):
     assert np.allclose(local["logits"], res["logits"], rtol=1e-4, atol=1e-5)
     s = json.loads(stats_path.read_text())
     assert s["mode"] == mode and s["sequence_found"] and s["replay_divergences"] == 0, s
+    assert s["lop_server_measured"], f"the plan did not use the server's own step times: {s}"
     if mode == "partition":  # a layer cut: one band, computed by the robot, or none (full offload)
         assert s["lop_bands"] in (0, 1) and s["lop_robot_bands"] == s["lop_bands"], s
 

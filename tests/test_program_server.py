@@ -35,6 +35,24 @@ def test_a_registered_program_runs_the_confirmed_steps(raw):
         assert torch.equal(get(raw, base + 3), torch.relu(x @ w.T + 1))
 
 
+def test_the_server_reports_how_long_each_step_took(raw):
+    """lop's planner asks for measured server step times: op steps of runs that happened, not holes."""
+    put(raw, 7, torch.randn(5, 3))
+    register(raw)
+    r = raw.request({"t": "times", "p": 1})
+    assert r["s"] == [0.0] * 5 and r["runs"] == 0  # registered, not run yet
+    for i in range(2):
+        put(raw, BASE + 100 * i, torch.randn(2, 3))
+        raw.request({"t": "sync", "pre": [[1, BASE + 100 * i, 1, 4, []]]})
+    r = raw.request({"t": "times", "p": 1})
+    assert r["runs"] == 2 and len(r["s"]) == 5
+    assert r["s"][0] == r["s"][4] == 0.0 and all(0 < t < 1 for t in r["s"][1:4]), r
+    for bad in (2, "1", None, [1]):
+        r = raw.request({"t": "times", "p": bad})
+        assert r["t"] == "err" and "no program" in r["msg"]
+    assert raw.request({"t": "sync"}).get("t") != "err"
+
+
 def test_runs_are_checked(raw):
     put(raw, 7, torch.randn(5, 3))
     register(raw)

@@ -483,7 +483,8 @@ class Runtime:
             planner = None  # RRTO_LOP_PLANNER=fixed: lop.robot.default_plan, a fixed rule (tests)
             if config.mode == "partition" or os.environ.get("RRTO_LOP_PLANNER", "loss") != "fixed":
                 planner = LossPlanner(self.copies, self._probe_link, default_speedup(self.info.get("device", "")), self.stats,
-                                      layers_only=config.mode == "partition", verbose=config.progress)
+                                      layers_only=config.mode == "partition", verbose=config.progress,
+                                      step_times=self._server_step_times)
             self.lop = LopRobot(self.copies, self.stats, planner=planner, verbose=config.progress)
             self.replayer.on_diverge = lambda pos: self.lop.diverged(pos, self.replayer, self.streamer)
 
@@ -498,6 +499,13 @@ class Runtime:
             self.streamer.free(h)
         self.streamer.request("sync")
         return time.perf_counter() - t0
+
+    def _server_step_times(self, pid: int) -> list | None:
+        """Seconds each step of program ``pid`` took on the server (lop's planner); None: unknown."""
+        try:
+            return self.streamer.request("times", p=pid).get("s")
+        except (LinkError, RemoteError):  # a lost link shows at the app's next request
+            return None
 
     def memory_allocated(self) -> int:
         if not self.lost:

@@ -144,4 +144,3 @@ def need_rows(nodes: list, rows: dict, out: int) -> tuple[np.ndarray, np.ndarray
                 b = np.where(o_empty, b, np.where(n_empty, old[1], np.maximum(old[1], b)))
             need[u] = (a, b)
     return need.get(0, (np.zeros_like(r), np.zeros_like(r)))
-

@@ -99,7 +99,7 @@ class LopRobot:
         prepare = getattr(self.planner, "prepare", None)
         if prepare is not None:
             try:  # what must use the session's socket (link probes) runs here, on the app's thread
-                prepare()
+                prepare(program)
             except Exception as e:  # noqa: BLE001 - a lost link shows at the app's next request
                 self._job = None
                 self._say(f"could not measure the link ({type(e).__name__}: {e}); replaying with a whole upload")
@@ -152,6 +152,9 @@ class LopRobot:
 
     def upload(self, x: torch.Tensor, base: int, streamer, replayer) -> bool:
         """Send the input of a replayed iteration as bands; False: upload it whole as usual."""
+        tick = getattr(self.planner, "tick", None)
+        if tick is not None and self._job is not None:
+            tick()  # (the planner's requests to the server go from this, the app's, thread)
         ready = self._ready
         if ready is not None and ready[0] is self._job:
             self._ready = self._job = None
