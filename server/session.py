@@ -262,7 +262,11 @@ class Session:
 
         Returns (result, output tensors, input positions by id when outputs were named here).
         """
-        metas = self.sizes.outputs(info, args, kwargs)
+        return self.execute_sized(info, args, kwargs, handles, self.sizes.outputs(info, args, kwargs), named_base)
+
+    def execute_sized(self, info: OpInfo, args: list, kwargs: dict, handles, metas, named_base=None):
+        """``execute`` with the op's output metadata already checked (``self.sizes.outputs``):
+        a program step checks again only when its inputs' layouts change."""
         if metas is not None:
             self._reserve(sum(m.new_bytes for m in metas))
         if info.generator_arg and kwargs.get(info.generator_arg) is None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .conftest import RawClient
+from .conftest import RawClient, ServerProcess
 from .test_server import get, put
 
 BASE = 2**51
@@ -51,6 +51,29 @@ def test_the_server_reports_how_long_each_step_took(raw):
         r = raw.request({"t": "times", "p": bad})
         assert r["t"] == "err" and "no program" in r["msg"]
     assert raw.request({"t": "sync"}).get("t") != "err"
+
+
+def test_a_step_is_size_checked_again_when_its_inputs_change_layout():
+    """Steps keep their output sizes between runs; an upload of another shape must not reuse them."""
+    s = ServerProcess("--max-tensor-mb", "1")
+    raw = RawClient(s.url)
+    try:
+        raw.hello()
+        w = torch.randn(5, 3)
+        put(raw, 7, w)
+        register(raw)
+        for i, n in enumerate((2, 2, 7)):  # the same layout twice, then another: results of their own shape
+            x, base = torch.randn(n, 3), BASE + 100 * i
+            put(raw, base, x)
+            raw.request({"t": "sync", "pre": [[1, base, 1, 4, []]]})
+            assert torch.equal(get(raw, base + 3), torch.relu(x @ w.T + 1))
+        put(raw, BASE + 300, torch.randn(60_000, 3))  # 0.7 MiB in, its linear's 1.1 MiB out: over the limit
+        r = raw.request({"t": "sync", "pre": [[1, BASE + 300, 1, 4, []]]})
+        assert r["t"] == "err" and "per-tensor limit" in r["msg"], r
+        assert raw.request({"t": "sync"}).get("t") != "err"
+    finally:
+        raw.close()
+        s.stop()
 
 
 def test_runs_are_checked(raw):
