@@ -49,14 +49,16 @@ class ProgramStep:
     __slots__ = ("kind", "info", "args", "kwargs", "fills", "outs", "last_of", "writes", "ob", "inputs",
                  "layouts", "metas")
 
-    def __init__(self, kind: str, info: OpInfo | None, args: list, kwargs: dict, fills: list, outs: list,
+    def __init__(self, kind: str, info: OpInfo | None, args: list, kwargs: dict, outs: list,
                  writes: tuple = (), ob: int = 0):
-        self.kind, self.info, self.args, self.kwargs, self.fills, self.outs = kind, info, args, kwargs, fills, outs
+        self.kind, self.info, self.args, self.kwargs, self.outs = kind, info, args, kwargs, outs
         self.writes, self.ob = writes, ob  # writes: (args or kwargs, position) of arguments written in place
         self.last_of: list[int] = []  # offsets whose last reader in the program is this step
-        self.inputs: list = []  # (box, position) of every tensor argument, filled or fixed
-        _find_inputs(args, self.inputs)
-        _find_inputs(kwargs, self.inputs)
+        places: list = []  # (box, position, value) of every tensor argument, filled at each run or fixed
+        _tensor_places(args, places)
+        _tensor_places(kwargs, places)
+        self.fills = [p for p in places if type(p[2]) is _Fill]
+        self.inputs = [(box, where) for box, where, _ in places]
         self.layouts = None  # the input layouts ``metas`` was checked for
         self.metas = None
 
@@ -316,9 +318,7 @@ def _decode_get(i: int, spec: dict, session, persistent: set) -> ProgramStep:
         return _Fill(kind, n)
 
     args = codec.decode_value(a, handle, _no_inline, session.device, ref)
-    fills: list = []
-    _find_fills(args, fills)
-    return ProgramStep("get", None, args, {}, fills, [])
+    return ProgramStep("get", None, args, {}, [])
 
 
 def _no_inline(n):
@@ -352,29 +352,17 @@ def _decode_step(i: int, spec: dict, session, consts: list, persistent: set) -> 
 
     args = codec.decode_value(a, handle, const, session.device, ref)
     kwargs = {key: codec.decode_value(v, handle, const, session.device, ref) for key, v in k.items()}
-    fills: list = []
-    _find_fills(args, fills)
-    _find_fills(kwargs, fills)
-    return ProgramStep(spec["t"], info, args, kwargs, fills, outs, _written(info), ob)
+    return ProgramStep(spec["t"], info, args, kwargs, outs, _written(info), ob)
 
 
 def _layout(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.storage_offset(), t.dtype, t.untyped_storage().nbytes()
 
 
-def _find_inputs(box: Any, inputs: list) -> None:
+def _tensor_places(box: Any, places: list) -> None:
     items = box.items() if isinstance(box, dict) else enumerate(box)
     for where, v in items:
         if type(v) is _Fill or isinstance(v, torch.Tensor):
-            inputs.append((box, where))
+            places.append((box, where, v))
         elif type(v) is list:
-            _find_inputs(v, inputs)
-
-
-def _find_fills(box: Any, fills: list) -> None:
-    items = box.items() if isinstance(box, dict) else enumerate(box)
-    for where, v in items:
-        if type(v) is _Fill:
-            fills.append((box, where, v))
-        elif type(v) is list:
-            _find_fills(v, fills)
+            _tensor_places(v, places)
