@@ -319,9 +319,16 @@ def run_once(s: Settings, net, cpu: CpuLimit, mode: str, w: Workload, target, fo
     counts, source = per_frame_counts(st, text, len(frames))
     for f, c in zip(frames, counts):
         f.update(c)
-    measured = frames[s.warmup:]
+    start = s.warmup
+    if st.get("mode") in ("lop", "partition") and st.get("sequence_found"):
+        # planning runs in the background on the robot's CPU: measure the plan, not the planning
+        planned = st.get("lop_planned_at_sync", -1)
+        if planned < 0:
+            return Run(error="the planner had not finished by the last frame: run with a longer --warmup")
+        start = max(start, planned + 1)
+    measured = frames[start:]
     if not measured:
-        return Run(error="no frames after the warm-up")
+        return Run(error=f"no frames after the warm-up ({start} frames, planning included)")
     return Run(frames=measured, stats=st, source=source)
 
 
@@ -363,6 +370,9 @@ def rows(s: Settings, runs: dict[tuple, list[Run]], modes: dict[str, bool]) -> l
                     row["runs"], row["failed_runs"] = len(got), sum(1 for r in got if r.error)
                     row["server_device"] = next((r.stats.get("server_device") for r in got if r.stats), None)
                     row["per_inference_source"] = next((r.source for r in got if r.source), "")
+                    planned = [r.stats["lop_planned_at_sync"] + 1 for r in got if r.stats.get("lop_planned_at_sync", -1) >= 0]
+                    if planned:  # the first frame of the plan (frames before ran while it was planned)
+                        row["plan_from_frame"] = max(planned)
                     timeline = next((r.stats["timeline"] for r in reversed(got) if r.stats.get("timeline")), None)
                     if timeline:
                         row["timeline"] = timeline

@@ -44,6 +44,9 @@ class Stats:
     lop_bands: int = 0
     lop_robot_bands: int = 0
     lop_server_measured: bool = False  # the plan used server step times measured on the server
+    # synchronize() calls seen when planning last ended (its plan, or none, in effect from the
+    # next inference; planning runs in the background until then); -1: planning, or never planned
+    lop_planned_at_sync: int = -1
     # lop: the planned inference's modelled schedule, [lane, start_s, end_s, label] per interval
     timeline: list = field(default_factory=list)
     robot_torch: str = ""

@@ -104,6 +104,7 @@ class OpInfo:
     generator_arg: str | None  # random ops: where the session's generator goes
     uninitialised: bool
     data_dependent: bool
+    writes: bool  # writes an argument in place (an out= argument may be resized)
 
 
 def allowed_names() -> list[str]:
@@ -148,7 +149,8 @@ class OpTable:
         op = getattr(getattr(torch.ops.aten, base), overload)
         schema = op._schema
         gen = next((a.name for a in schema.arguments if a.name == "generator"), None)
-        info = OpInfo(op, base, gen, base in UNINITIALISED, base in DATA_DEPENDENT)
+        writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        info = OpInfo(op, base, gen, base in UNINITIALISED, base in DATA_DEPENDENT, writes)
         if len(self._infos) < 100_000:
             self._infos[name] = info
         return info

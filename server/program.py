@@ -47,7 +47,7 @@ class ProgramStep:
     """An op step (``kind`` "op"), a data-dependent op ("shaped": outputs named ``base + ob + i``)
     or a download ("get": its tensor is ``args[0]``)."""
     __slots__ = ("kind", "info", "args", "kwargs", "fills", "outs", "last_of", "writes", "ob", "inputs",
-                 "layouts", "metas")
+                 "layouts", "metas", "generation", "from_steps", "from_slots", "writes_fixed")
 
     def __init__(self, kind: str, info: OpInfo | None, args: list, kwargs: dict, outs: list,
                  writes: tuple = (), ob: int = 0):
@@ -58,18 +58,41 @@ class ProgramStep:
         _tensor_places(args, places)
         _tensor_places(kwargs, places)
         self.fills = [p for p in places if type(p[2]) is _Fill]
-        self.inputs = [(box, where) for box, where, _ in places]
-        self.layouts = None  # the input layouts ``metas`` was checked for
+        # the same holes split by kind, for the replay loop: (box, position, offset or slot)
+        self.from_steps = [(box, where, f.n) for box, where, f in self.fills if f.kind == "s"]
+        self.from_slots = [(box, where, f.n) for box, where, f in self.fills if f.kind != "s"]
+        self.inputs = [(box, where) for box, where, _ in self.fills]  # the arguments that change per run
+        self.layouts = None  # their layouts when ``metas`` was checked, and the session's generation then
+        self.generation = -1
         self.metas = None
+        # writes a tensor that outlives the iteration (its layout too, if an out= argument)
+        self.writes_fixed = any(isinstance(v, torch.Tensor) for v in _places(args, kwargs, writes))
+
+    def fill(self, handles: dict, base: int, slots: dict) -> bool:
+        """Put the iteration's tensors into the step's holes. False, holes emptied again, when a
+        tensor is missing: the caller asks the session (whose error names it) or stops."""
+        try:
+            for box, where, n in self.from_steps:
+                box[where] = handles[base + n]
+            for box, where, n in self.from_slots:
+                box[where] = handles[slots[n]]
+        except (KeyError, TypeError):
+            self.unfill()
+            return False
+        return True
+
+    def unfill(self) -> None:
+        for box, where, f in self.fills:  # hold no tensor between runs: the robot may free it
+            box[where] = f
 
     def sized(self, session) -> list | None:
-        """The step's output metadata from the session's SizeCheck, asked again only when an input's
-        layout differs from the last run's: every other argument is fixed at registration, so
-        this is the check itself at a tenth of its cost (its key built from the arguments)."""
+        """The step's output metadata from the session's SizeCheck, asked again only when a filled
+        argument's layout differs from the last run's, or when an op may have changed a fixed
+        one's (a parameter's) since: everything else about the step is fixed at registration."""
         layouts = tuple([_layout(box[where]) for box, where in self.inputs])
-        if layouts != self.layouts:
+        if layouts != self.layouts or session.layout_generation != self.generation:
             self.metas = session.sizes.outputs(self.info, self.args, self.kwargs)
-            self.layouts = layouts
+            self.layouts, self.generation = layouts, session.layout_generation
         return self.metas
 
 
@@ -146,12 +169,13 @@ class Program:
                     t0 = clock()
                     _, made, _ = session.execute_sized(st.info, st.args, st.kwargs, outs, st.sized(session))
                     self._timed(i, clock() - t0)
+                    if st.writes_fixed:
+                        session.layout_generation += 1
                     for o, h, t in zip(st.outs, outs, made):
                         if o is not None and h is None and not isinstance(t, str):
                             local[o] = t
                 finally:
-                    for box, where, f in fills:  # hold no tensor between runs: the robot may free it
-                        box[where] = f
+                    st.unfill()
                 for off in st.last_of:
                     local.pop(off, None)
         finally:
@@ -169,11 +193,30 @@ class Program:
         run = AheadRun(self, base, a)
         waits = iter(seqs)
         reply = None
+        steps, kinds, handles, seconds = self.steps, self.kinds, session.handles, self.seconds
         try:
             for i in range(a, b):
                 run.end = i
-                st = self.steps[i]
-                kind = self.kinds[i]
+                st = steps[i]
+                kind = kinds[i]
+                if kind == "op":  # the common case first, kept lean: it is most of a replay's server time
+                    if not (st.fill(handles, base, slots) or self._fill(st, session, base, slots)):
+                        break
+                    try:
+                        if st.writes and not run.keep_old_values(st, session):
+                            break
+                        outs = [None if o is None else base + o for o in st.outs]
+                        run.made.append((i, outs))
+                        t0 = clock()
+                        session.execute_sized(st.info, st.args, st.kwargs, outs, st.sized(session))
+                        t0 = clock() - t0
+                        if t0 < seconds[i] or seconds[i] == 0.0:
+                            seconds[i] = t0
+                        if i == self.last_op:
+                            self.timed_runs += 1
+                    finally:
+                        st.unfill()
+                    continue
                 if kind == "sync":
                     if session.device.type == "cuda":
                         torch.cuda.synchronize(session.device)
@@ -181,7 +224,7 @@ class Program:
                     continue
                 if st is None:
                     break
-                if not self._fill(st, session, base, slots):
+                if not (st.fill(handles, base, slots) or self._fill(st, session, base, slots)):
                     break
                 try:
                     if kind == "get":
@@ -191,20 +234,14 @@ class Program:
                         continue
                     if not run.keep_old_values(st, session):
                         break
-                    if kind == "shaped":
-                        result, made, inputs = session.execute(st.info, st.args, st.kwargs, None, base + st.ob)
-                        run.made.append((i, [base + st.ob + j for j in range(len(made))]))
-                        reply = session.named_outputs_reply(result, made, inputs)
-                        reply["q"] = next(waits)
-                        send(reply, [])
-                        continue
-                    outs = [None if o is None else base + o for o in st.outs]
-                    run.made.append((i, outs))
-                    t0 = clock()
-                    session.execute_sized(st.info, st.args, st.kwargs, outs, st.sized(session))
-                    self._timed(i, clock() - t0)
+                    # a data-dependent op: the robot learns its outputs' shapes from the reply
+                    result, made, inputs = session.execute(st.info, st.args, st.kwargs, None, base + st.ob)
+                    run.made.append((i, [base + st.ob + j for j in range(len(made))]))
+                    reply = session.named_outputs_reply(result, made, inputs)
+                    reply["q"] = next(waits)
+                    send(reply, [])
                 finally:
-                    _unfill(st)
+                    st.unfill()
             else:
                 run.end = b
         except OpError as e:
@@ -226,23 +263,23 @@ class Program:
             self.timed_runs += 1
 
     def _fill(self, st: ProgramStep, session, base: int, slots: dict) -> bool:
-        """Put the iteration's tensors into a step's holes; False when a slot was not given."""
+        """``st.fill`` when a tensor was missing: False when a slot was not given (the run stops
+        there), the session's error when a handle is not its own."""
         tensor = session.tensor
-        for box, where, f in st.fills:
-            if f.kind == "s":
-                box[where] = tensor(base + f.n)
-            else:
-                h = slots.get(f.n)
-                if h is None:
-                    _unfill(st)
-                    return False
-                box[where] = tensor(h)
+        try:
+            for box, where, f in st.fills:
+                if f.kind == "s":
+                    box[where] = tensor(base + f.n)
+                else:
+                    h = slots.get(f.n)
+                    if h is None:
+                        st.unfill()
+                        return False
+                    box[where] = tensor(h)
+        except OpError:
+            st.unfill()
+            raise
         return True
-
-
-def _unfill(st: ProgramStep) -> None:
-    for box, where, f in st.fills:  # hold no tensor between runs: the robot may free it
-        box[where] = f
 
 
 class AheadRun:
@@ -260,11 +297,7 @@ class AheadRun:
 
     def keep_old_values(self, st: ProgramStep, session) -> bool:
         """Before ``st`` writes in place: keep the old values; False if a target outlives the iteration."""
-        for box, where in st.writes:
-            if box == "a":
-                t = st.args[where] if where < len(st.args) else None
-            else:
-                t = st.kwargs.get(where)
+        for t in _places(st.args, st.kwargs, st.writes):
             if not isinstance(t, torch.Tensor):
                 continue
             if not session.born_in_iteration(t, self.base):
@@ -353,6 +386,16 @@ def _decode_step(i: int, spec: dict, session, consts: list, persistent: set) -> 
     args = codec.decode_value(a, handle, const, session.device, ref)
     kwargs = {key: codec.decode_value(v, handle, const, session.device, ref) for key, v in k.items()}
     return ProgramStep(spec["t"], info, args, kwargs, outs, _written(info), ob)
+
+
+def _places(args: list, kwargs: dict, writes: tuple):
+    """The arguments at ``writes`` positions (("a", index) or ("k", name))."""
+    for box, where in writes:
+        if box == "a":
+            if where < len(args):
+                yield args[where]
+        elif where in kwargs:
+            yield kwargs[where]
 
 
 def _layout(t: torch.Tensor) -> tuple:

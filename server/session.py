@@ -58,6 +58,9 @@ class Session:
         self._pending_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"rrto-session-{token[:8]}", daemon=True)
         self.ops_run = 0
+        # counts ops that may have changed a tensor's layout in place: a program step's fixed
+        # arguments (parameters) are checked against it instead of one by one (ProgramStep.sized)
+        self.layout_generation = 0
         self.programs: dict[int, Program] = {}
         self.programs_run = 0
         self._ahead_job: tuple | None = None  # (program, base, from, to, slots, seqs): run after the reply
@@ -262,18 +265,24 @@ class Session:
 
         Returns (result, output tensors, input positions by id when outputs were named here).
         """
+        if info.writes:
+            self.layout_generation += 1
         return self.execute_sized(info, args, kwargs, handles, self.sizes.outputs(info, args, kwargs), named_base)
 
     def execute_sized(self, info: OpInfo, args: list, kwargs: dict, handles, metas, named_base=None):
         """``execute`` with the op's output metadata already checked (``self.sizes.outputs``):
         a program step checks again only when its inputs' layouts change."""
         if metas is not None:
-            self._reserve(sum(m.new_bytes for m in metas))
+            new = 0
+            for m in metas:
+                new += m.new_bytes
+            if self.live_bytes + new > self.limits.max_session_bytes:
+                self._reserve(new)  # raises, saying so
         if info.generator_arg and kwargs.get(info.generator_arg) is None:
             self._inject_generator(info, args, kwargs)
         result = info.op(*args, **kwargs)
         self.ops_run += 1
-        outs = flat_tensors(result, [])
+        outs = [result] if type(result) is torch.Tensor else flat_tensors(result, [])
         inputs = None
         if named_base is not None:  # the robot could not predict the outputs: name them base, base+1, ...
             inputs = {id(t): i for i, t in enumerate(flat_tensors([args, list(kwargs.values())], []))}
@@ -283,10 +292,11 @@ class Session:
         elif not isinstance(handles, list) or (handles and len(handles) != len(outs)):
             raise OpError(f"{info.op.name()} returns {len(outs)} tensors but {len(handles)} handles were given")
         if metas is not None and named_base is None:  # the robot predicted these outputs: hold it to that
-            outs = [self._conform(info, t, m, args, kwargs) for t, m in zip(outs, metas)]
-            for t, m in zip(outs, metas):
-                if m.grows_input:
-                    self._regrow(t)
+            for j, (t, m) in enumerate(zip(outs, metas)):
+                if t.dtype != m.dtype or t.shape != m.shape or t.stride() != m.stride or m.grows_input:
+                    outs[j] = t = self._conform(info, t, m, args, kwargs)
+                    if m.grows_input and not isinstance(t, str):
+                        self._regrow(t)
         for hd, t in zip(handles, outs):
             if hd is None:
                 continue

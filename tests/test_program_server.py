@@ -76,6 +76,33 @@ def test_a_step_is_size_checked_again_when_its_inputs_change_layout():
         s.stop()
 
 
+def test_a_step_is_size_checked_again_when_an_op_resizes_its_parameter():
+    """A step's fixed arguments are not re-read each run: any op that writes in place (an out=
+    argument is resized) makes every step check again, so a grown parameter cannot slip past."""
+    s = ServerProcess("--max-tensor-mb", "1")
+    raw = RawClient(s.url)
+    try:
+        raw.hello()
+        put(raw, 7, torch.randn(5, 3))
+        register(raw)
+        for i in range(2):
+            x, base = torch.randn(8, 3), BASE + 100 * i
+            put(raw, base, x)
+            assert raw.request({"t": "sync", "pre": [[1, base, 1, 4, []]]}).get("t") != "err"
+        a = torch.randn(40_000, 3)  # 0.46 MiB: w resized to this makes linear's output 1.2 MiB
+        put(raw, 8, a)
+        r = raw.request({"t": "op", "op": "aten::add.out", "a": [{"h": 8}, {"h": 8}], "k": {"out": {"h": 7}},
+                         "o": [None], "q": 1})
+        assert r.get("t") != "err", r
+        put(raw, BASE + 300, torch.randn(8, 3))  # the same upload layout as before
+        r = raw.request({"t": "sync", "pre": [[1, BASE + 300, 1, 4, []]]})
+        assert r["t"] == "err" and "per-tensor limit" in r["msg"], r
+        assert raw.request({"t": "sync"}).get("t") != "err"
+    finally:
+        raw.close()
+        s.stop()
+
+
 def test_runs_are_checked(raw):
     put(raw, 7, torch.randn(5, 3))
     register(raw)

@@ -91,10 +91,12 @@ class LopRobot:
         if self.active is not None:
             self._drop = self.active.pid
         self.active, self._ready = None, None
+        self.stats.lop_planned_at_sync = -1
         chain = analyse(program)
         if len(chain) <= 1:
             self._say(f"no banded plan ({chain.ends}); replaying with a whole upload")
             self._job = None
+            self._planned()
             return program.n_handles
         prepare = getattr(self.planner, "prepare", None)
         if prepare is not None:
@@ -103,6 +105,7 @@ class LopRobot:
             except Exception as e:  # noqa: BLE001 - a lost link shows at the app's next request
                 self._job = None
                 self._say(f"could not measure the link ({type(e).__name__}: {e}); replaying with a whole upload")
+                self._planned()
                 return program.n_handles
         self._job = job = (program, chain, register)
         threading.Thread(target=self._plan, args=(job,), name="rrto-lop-plan", daemon=True).start()
@@ -119,6 +122,7 @@ class LopRobot:
 
     def _install(self, job: tuple, plan: BandPlan | None, replayer) -> None:
         program, chain, register = job
+        self._planned()
         why = chain.ends
         if plan is not None and plan.depth > 1:
             pre = prefix(chain, plan, program.n_handles)
@@ -143,6 +147,10 @@ class LopRobot:
         elif plan is not None:
             why = "the planner chose full offload"
         self._say(f"no banded plan ({why}); replaying with a whole upload")
+
+    def _planned(self) -> None:
+        """Planning has ended: a benchmark measures lop from the next inference on."""
+        self.stats.lop_planned_at_sync = self.stats.syncs
 
     def _say(self, msg: str) -> None:
         if self.verbose:
