@@ -17,6 +17,8 @@ import torch
 
 import rrto
 from examples import models as M
+from rrto.lop.analysis import analyse
+from rrto.lop.planning import download_bytes
 
 from .test_examples import run_example
 from .test_replay import LOOPS, frames_of, run_loop
@@ -125,3 +127,23 @@ def test_divergence_inside_the_banded_steps_stays_correct(server, monkeypatch):
     for i, (a, b) in enumerate(zip(local, remote)):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5), f"frame {i}"
     assert s["lop_inferences"] >= 8 and s["replay_divergences"] >= 3, s
+
+
+def test_the_planner_models_the_download_the_app_makes(server):
+    """An inference ends with what the app reads back (a detector: a few boxes), not with the
+    local chain's output: modelling the latter made full offload look twice as slow."""
+    net = Net().eval()
+    with torch.no_grad():
+        features = net.body(frames_of(32, 1)[0])  # [1, 8, 9, 9]
+    rrto.enable(server=server.url, mode="replay", timeout=20)
+    try:
+        rnet = net.to("cuda")
+        with torch.no_grad():
+            for x in frames_of(32, 4):
+                rnet.body(x.to("cuda"))[:, :2, :1].cpu()  # what the app reads: 2 channels of one row
+        program = rrto.current().runtime.replayer.program
+    finally:
+        rrto.disable()
+    assert program is not None, "the sequence was not adopted"
+    assert download_bytes(program) == features[:, :2, :1].numel() * 4
+    assert analyse(program).steps()[-1].bytes >= features.numel() * 4  # the chain's output: the whole map

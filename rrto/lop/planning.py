@@ -7,13 +7,16 @@ What is measured, when a program is adopted (once; a few tens of ms):
   link          three small and three 256 KiB probe round trips through the session's
                 own socket, fitted by ``LinkEstimator`` (rtt + bytes / bandwidth).
   server time   each step's fastest run on the server, asked for (``times``) once the
-                server has run the program twice as plain replay; planning waits for it.
+                server has run the program five times as plain replay (its first runs
+                are cold: keypoint net, one thread, 35 ms summed after one run, 20 after
+                two, 18 from five on); planning waits for it.
                 A CUDA server's host clock sees launches, not kernels: there server steps
                 are the robot's divided by ``server_speedup`` (RRTO_LOP_SERVER_SPEEDUP;
                 by default 20 for a CUDA server, 2 for a CPU one).
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -32,7 +35,7 @@ from .loss import plan as loss_plan
 from .plan import BandPlan
 
 PROBE_BYTES = 256 << 10
-MEASURED_RUNS = 2  # the server's step times are asked for after it ran the program this often
+MEASURED_RUNS = 5  # the server's step times are asked for after it ran the program this often
 SERVER_TIMES_WAIT_S = 10.0  # how long planning waits for them (the app may stop calling)
 MAX_CUTS = 8  # cuts profiled (evenly over the chain) and offered to the planner
 UNREACHABLE_S = 1e3  # the tail after the chain: the band executor never runs it on the robot
@@ -43,6 +46,17 @@ def default_speedup(server_device: str) -> float:
     if env:
         return float(env)
     return 20.0 if str(server_device).startswith("cuda") else 2.0
+
+
+def download_bytes(program) -> int:
+    """Bytes the robot downloads per inference: its program's downloads at their recorded shapes
+    (not the chain's output: a detector reads back a few boxes, not its 470 KB prediction map)."""
+    n = 0
+    for st in program.steps:
+        if st.kind == "get":
+            meta = st.key[1]
+            n += math.prod(meta.shape) * meta.dtype.itemsize
+    return n
 
 
 class LossPlanner:
@@ -73,7 +87,7 @@ class LossPlanner:
 
     def tick(self) -> None:
         """At each replayed upload, on the app's thread: once the server has run the program
-        twice (the first run warms up), ask it how long each step took, for the planning thread."""
+        MEASURED_RUNS times (the first runs are cold), ask it how long each step took, for the planning thread."""
         if self._measured_ready.is_set() or self.step_times is None or self._pid is None:
             return
         self._uploads += 1
@@ -115,7 +129,7 @@ class LossPlanner:
         server[0] = 0.0  # the upload: the server computes nothing for it
         out = infos[-1]
         tail = [StepCost("rest of the program", False, 1, out.bytes, UNREACHABLE_S, rest)]
-        prof = Profile.from_chain(infos, tail, int(x.numel() * x.element_size()), out.bytes,
+        prof = Profile.from_chain(infos, tail, int(x.numel() * x.element_size()), download_bytes(chain.program),
                                   depths=[0, *cuts], robot_s=robot, server_s=server)
         return prof, cuts
 
@@ -138,8 +152,10 @@ class LossPlanner:
             simulate(prof, p, link, self.power, trace=events)
             self.stats.timeline = [[lane, round(a, 6), round(b, 6), f"{label} (model)"] for lane, a, b, label in events]
         if self.verbose:
+            server = sum(st.server_s for st in prof.steps) * 1e3
             print(f"rrto: lop: profiled in {(t1 - t0) * 1e3:.0f} ms (server steps "
-                  f"{'measured there' if self.server_measured else f'the robot/{self.speedup:g}'}), "
+                  f"{'measured there' if self.server_measured else f'the robot/{self.speedup:g}'}: "
+                  f"{server:.1f} ms in all), "
                   f"{'layer cut' if self.layers_only else 'LOSS'} "
                   f"planned in {(time.perf_counter() - t1) * 1e3:.0f} ms for "
                   f"{link.bandwidth * 8 / 1e6:.0f} Mbit/s, rtt {link.rtt * 1e3:.1f} ms: depth {p.depth}, "
