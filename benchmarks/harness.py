@@ -31,6 +31,8 @@ from .robot import CpuLimit
 from .workloads import ROOT, Workload
 
 MODE_ORDER = ("local", "rpc", "eager", "replay-confirmed", "replay", "direct", "partition", "lop")
+PLANNED = ("partition", "lop")  # modes that plan in the background on the robot's CPU
+PLANNING_FRAMES = 30  # extra frames they run, so that their measured frames can start after the plan
 HARNESS_MODES = ("direct", "replay-confirmed")  # implemented here, not by rrto
 # an rrto mode run with settings of its own: replay where the server runs only what the robot confirmed
 VARIANTS = {"replay-confirmed": ("replay", {"RRTO_AHEAD": "0"})}
@@ -65,6 +67,7 @@ class Run:
     error: str | None = None
     unavailable: bool = False
     source: str = ""  # where the per-inference counts came from
+    note: str | None = None  # something a reader of the figures must know (e.g. planning not ended)
 
 
 class Cleanup:
@@ -271,7 +274,7 @@ def self_check(net, link: LinkSpec, sink: tuple[str, int], nbytes: int) -> dict:
 def run_once(s: Settings, net, cpu: CpuLimit, mode: str, w: Workload, target, folder: Path) -> Run:
     folder.mkdir(parents=True, exist_ok=True)
     timings, stats, errors = folder / "timings.json", folder / "stats.json", folder / "stderr.txt"
-    n = s.warmup + s.frames
+    n = s.warmup + s.frames + (PLANNING_FRAMES if mode in PLANNED else 0)
     settings: dict = {}
     if mode == "direct":
         cmd = [sys.executable, "-m", "benchmarks.direct", "robot", "--server", f"tcp://{target[0]}:{target[1]}",
@@ -319,17 +322,19 @@ def run_once(s: Settings, net, cpu: CpuLimit, mode: str, w: Workload, target, fo
     counts, source = per_frame_counts(st, text, len(frames))
     for f, c in zip(frames, counts):
         f.update(c)
-    start = s.warmup
-    if st.get("mode") in ("lop", "partition") and st.get("sequence_found"):
+    start, note = s.warmup, None
+    if st.get("mode") in PLANNED and st.get("sequence_found"):
         # planning runs in the background on the robot's CPU: measure the plan, not the planning
         planned = st.get("lop_planned_at_sync", -1)
-        if planned < 0:
-            return Run(error="the planner had not finished by the last frame: run with a longer --warmup")
-        start = max(start, planned + 1)
-    measured = frames[start:]
+        if 0 <= planned < len(frames) - 1:
+            start = max(start, planned + 1)
+        else:
+            start = max(start, len(frames) - s.frames)
+            note = "planning had not ended by the last frame: these frames ran replay beside the planner"
+    measured = frames[start:start + s.frames]
     if not measured:
-        return Run(error=f"no frames after the warm-up ({start} frames, planning included)")
-    return Run(frames=measured, stats=st, source=source)
+        return Run(error="no frames after the warm-up")
+    return Run(frames=measured, stats=st, source=source, note=note)
 
 
 def per_frame_counts(stats: dict, stderr: str, n: int) -> tuple[list[dict], str]:
@@ -373,6 +378,9 @@ def rows(s: Settings, runs: dict[tuple, list[Run]], modes: dict[str, bool]) -> l
                     planned = [r.stats["lop_planned_at_sync"] + 1 for r in got if r.stats.get("lop_planned_at_sync", -1) >= 0]
                     if planned:  # the first frame of the plan (frames before ran while it was planned)
                         row["plan_from_frame"] = max(planned)
+                    note = next((r.note for r in got if r.note), None)
+                    if note:
+                        row["note"] = note
                     timeline = next((r.stats["timeline"] for r in reversed(got) if r.stats.get("timeline")), None)
                     if timeline:
                         row["timeline"] = timeline

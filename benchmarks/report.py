@@ -21,7 +21,8 @@ def table(results: dict) -> str:
              "| kB down / inf | robot busy ms / inf | robot energy J / inf |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["results"]:
-        head = f"| {r['model']} | {r['link'] or '-'} | {r['mode']} |"
+        mode = r["mode"] + (" (still planning)" if r.get("note") else "")
+        head = f"| {r['model']} | {r['link'] or '-'} | {mode} |"
         if r["status"] != "ok":
             why = "not available" if r["status"] == "not available" else f"failed: {r.get('error', '')[:60]}"
             lines.append(f"{head} {why} |" + " |" * 9)
@@ -44,7 +45,8 @@ def header(results: dict) -> str:
            f"link emulation: {results['link_emulation']}",
            f"robot: {results['robot']['limit']} ({results['robot']['cpu_share'] or 'all'} core), "
            f"{results['robot']['torch_threads']} torch thread(s)",
-           f"frames: {s['frames']} measured after {s['warmup']} warm-up, x{s['repeats']} repeats, modes interleaved"]
+           f"frames: {s['frames']} measured after {s['warmup']} warm-up (partition, lop: after their plan too), "
+           f"x{s['repeats']} repeats, modes interleaved"]
     for name, link in results["links"].items():
         c = link.get("self_check", {})
         check = (f"measured {c['up_mbit']:.1f}/{c['down_mbit']:.1f} Mbit/s up/down, RTT {c['rtt_ms']:.1f} ms"
