@@ -32,7 +32,7 @@ from .workloads import ROOT, Workload
 
 MODE_ORDER = ("local", "rpc", "eager", "replay-confirmed", "replay", "direct", "partition", "lop")
 PLANNED = ("partition", "lop")  # modes that plan in the background on the robot's CPU
-PLANNING_FRAMES = 30  # extra frames they run, so that their measured frames can start after the plan
+PLANNING_FRAMES = 40  # extra frames they run, so that their measured frames can start after the plan
 HARNESS_MODES = ("direct", "replay-confirmed")  # implemented here, not by rrto
 # an rrto mode run with settings of its own: replay where the server runs only what the robot confirmed
 VARIANTS = {"replay-confirmed": ("replay", {"RRTO_AHEAD": "0"})}
@@ -334,6 +334,8 @@ def run_once(s: Settings, net, cpu: CpuLimit, mode: str, w: Workload, target, fo
     measured = frames[start:start + s.frames]
     if not measured:
         return Run(error="no frames after the warm-up")
+    if note is None and len(measured) < s.frames:  # the plan came late: its frames only, and say so
+        note = f"only {len(measured)} of {s.frames} frames ran on the plan (planning ended late)"
     return Run(frames=measured, stats=st, source=source, note=note)
 
 

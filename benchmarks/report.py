@@ -21,7 +21,8 @@ def table(results: dict) -> str:
              "| kB down / inf | robot busy ms / inf | robot energy J / inf |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["results"]:
-        mode = r["mode"] + (" (still planning)" if r.get("note") else "")
+        mode = r["mode"] + (" (still planning)" if "not ended" in r.get("note", "") else
+                            f" ({r['frames']} frames)" if r.get("note") else "")
         head = f"| {r['model']} | {r['link'] or '-'} | {mode} |"
         if r["status"] != "ok":
             why = "not available" if r["status"] == "not available" else f"failed: {r.get('error', '')[:60]}"

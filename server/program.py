@@ -193,7 +193,7 @@ class Program:
         run = AheadRun(self, base, a)
         waits = iter(seqs)
         reply = None
-        steps, kinds, handles, seconds = self.steps, self.kinds, session.handles, self.seconds
+        steps, kinds, handles = self.steps, self.kinds, session.handles
         try:
             for i in range(a, b):
                 run.end = i
@@ -209,11 +209,7 @@ class Program:
                         run.made.append((i, outs))
                         t0 = clock()
                         session.execute_sized(st.info, st.args, st.kwargs, outs, st.sized(session))
-                        t0 = clock() - t0
-                        if t0 < seconds[i] or seconds[i] == 0.0:
-                            seconds[i] = t0
-                        if i == self.last_op:
-                            self.timed_runs += 1
+                        self._timed(i, clock() - t0)
                     finally:
                         st.unfill()
                     continue

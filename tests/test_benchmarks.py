@@ -138,7 +138,9 @@ def test_quick_benchmark_writes_sane_results(tmp_path):
             assert r["status"] == "not available", r
             continue
         assert r["status"] == "ok", r
-        assert r["frames"] == 4 and 0 < r["latency_ms"]["median"] <= r["latency_ms"]["p90"]
+        # lop's frames start after its plan: fewer when planning ended late on a loaded machine, and said so
+        assert r["frames"] == 4 or mode == "lop" and 1 <= r["frames"] < 4 and "planning ended late" in r["note"], r
+        assert 0 < r["latency_ms"]["median"] <= r["latency_ms"]["p90"]
         assert r["energy_j"] > 0
         per = r["per_inference"]
         if mode == "local":
