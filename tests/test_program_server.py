@@ -1,6 +1,7 @@
 """The server's side of replay: registering programs and running them, with hostile inputs."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from .conftest import RawClient, ServerProcess
@@ -53,54 +54,54 @@ def test_the_server_reports_how_long_each_step_took(raw):
     assert raw.request({"t": "sync"}).get("t") != "err"
 
 
-def test_a_step_is_size_checked_again_when_its_inputs_change_layout():
-    """Steps keep their output sizes between runs; an upload of another shape must not reuse them."""
+@pytest.fixture
+def tight():
+    """A raw client of its own server, which refuses any tensor over 1 MiB."""
     s = ServerProcess("--max-tensor-mb", "1")
     raw = RawClient(s.url)
     try:
         raw.hello()
-        w = torch.randn(5, 3)
-        put(raw, 7, w)
-        register(raw)
-        for i, n in enumerate((2, 2, 7)):  # the same layout twice, then another: results of their own shape
-            x, base = torch.randn(n, 3), BASE + 100 * i
-            put(raw, base, x)
-            raw.request({"t": "sync", "pre": [[1, base, 1, 4, []]]})
-            assert torch.equal(get(raw, base + 3), torch.relu(x @ w.T + 1))
-        put(raw, BASE + 300, torch.randn(60_000, 3))  # 0.7 MiB in, its linear's 1.1 MiB out: over the limit
-        r = raw.request({"t": "sync", "pre": [[1, BASE + 300, 1, 4, []]]})
-        assert r["t"] == "err" and "per-tensor limit" in r["msg"], r
-        assert raw.request({"t": "sync"}).get("t") != "err"
+        yield raw
     finally:
         raw.close()
         s.stop()
 
 
-def test_a_step_is_size_checked_again_when_an_op_resizes_its_parameter():
+def refused_over_the_limit(raw, base: int) -> None:
+    """A confirmed run from ``base`` is refused by the size check, and the session goes on."""
+    r = raw.request({"t": "sync", "pre": [[1, base, 1, 4, []]]})
+    assert r["t"] == "err" and "per-tensor limit" in r["msg"], r
+    assert raw.request({"t": "sync"}).get("t") != "err"
+
+
+def test_a_step_is_size_checked_again_when_its_inputs_change_layout(tight):
+    """Steps keep their output sizes between runs; an upload of another shape must not reuse them."""
+    w = torch.randn(5, 3)
+    put(tight, 7, w)
+    register(tight)
+    for i, n in enumerate((2, 2, 7)):  # the same layout twice, then another: results of their own shape
+        x, base = torch.randn(n, 3), BASE + 100 * i
+        put(tight, base, x)
+        tight.request({"t": "sync", "pre": [[1, base, 1, 4, []]]})
+        assert torch.equal(get(tight, base + 3), torch.relu(x @ w.T + 1))
+    put(tight, BASE + 300, torch.randn(60_000, 3))  # 0.7 MiB in, its linear's 1.1 MiB out: over the limit
+    refused_over_the_limit(tight, BASE + 300)
+
+
+def test_a_step_is_size_checked_again_when_an_op_resizes_its_parameter(tight):
     """A step's fixed arguments are not re-read each run: any op that writes in place (an out=
     argument is resized) makes every step check again, so a grown parameter cannot slip past."""
-    s = ServerProcess("--max-tensor-mb", "1")
-    raw = RawClient(s.url)
-    try:
-        raw.hello()
-        put(raw, 7, torch.randn(5, 3))
-        register(raw)
-        for i in range(2):
-            x, base = torch.randn(8, 3), BASE + 100 * i
-            put(raw, base, x)
-            assert raw.request({"t": "sync", "pre": [[1, base, 1, 4, []]]}).get("t") != "err"
-        a = torch.randn(40_000, 3)  # 0.46 MiB: w resized to this makes linear's output 1.2 MiB
-        put(raw, 8, a)
-        r = raw.request({"t": "op", "op": "aten::add.out", "a": [{"h": 8}, {"h": 8}], "k": {"out": {"h": 7}},
-                         "o": [None], "q": 1})
-        assert r.get("t") != "err", r
-        put(raw, BASE + 300, torch.randn(8, 3))  # the same upload layout as before
-        r = raw.request({"t": "sync", "pre": [[1, BASE + 300, 1, 4, []]]})
-        assert r["t"] == "err" and "per-tensor limit" in r["msg"], r
-        assert raw.request({"t": "sync"}).get("t") != "err"
-    finally:
-        raw.close()
-        s.stop()
+    put(tight, 7, torch.randn(5, 3))
+    register(tight)
+    for i in range(2):
+        put(tight, BASE + 100 * i, torch.randn(8, 3))
+        assert tight.request({"t": "sync", "pre": [[1, BASE + 100 * i, 1, 4, []]]}).get("t") != "err"
+    put(tight, 8, torch.randn(40_000, 3))  # 0.46 MiB: w resized to this makes linear's output 1.2 MiB
+    r = tight.request({"t": "op", "op": "aten::add.out", "a": [{"h": 8}, {"h": 8}], "k": {"out": {"h": 7}},
+                       "o": [None], "q": 1})
+    assert r.get("t") != "err", r
+    put(tight, BASE + 300, torch.randn(8, 3))  # the same upload layout as before
+    refused_over_the_limit(tight, BASE + 300)
 
 
 def test_runs_are_checked(raw):
