@@ -273,11 +273,7 @@ class Session:
         """``execute`` with the op's output metadata already checked (``self.sizes.outputs``):
         a program step checks again only when its inputs' layouts change."""
         if metas is not None:
-            new = 0
-            for m in metas:
-                new += m.new_bytes
-            if self.live_bytes + new > self.limits.max_session_bytes:
-                self._reserve(new)  # raises, saying so
+            self._reserve(sum(m.new_bytes for m in metas))
         if info.generator_arg and kwargs.get(info.generator_arg) is None:
             self._inject_generator(info, args, kwargs)
         result = info.op(*args, **kwargs)
