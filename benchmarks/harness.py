@@ -380,6 +380,11 @@ def rows(s: Settings, runs: dict[tuple, list[Run]], modes: dict[str, bool]) -> l
                     planned = [r.stats["lop_planned_at_sync"] + 1 for r in got if r.stats.get("lop_planned_at_sync", -1) >= 0]
                     if planned:  # the first frame of the plan (frames before ran while it was planned)
                         row["plan_from_frame"] = max(planned)
+                        last = next(r.stats for r in reversed(got) if r.stats.get("lop_planned_at_sync", -1) >= 0)
+                        # what the planner measured online at the end of the run, and how often it re-planned
+                        row["lop_online"] = {k: last.get(f"lop_{k}") for k in
+                                             ("link_mbit", "link_rtt_ms", "walk_ms", "robot_scale", "replans", "depth",
+                                              "bands", "robot_bands")}
                     note = next((r.note for r in got if r.note), None)
                     if note:
                         row["note"] = note

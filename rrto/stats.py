@@ -47,6 +47,13 @@ class Stats:
     # synchronize() calls seen when planning last ended (its plan, or none, in effect from the
     # next inference; planning runs in the background until then); -1: planning, or never planned
     lop_planned_at_sync: int = -1
+    lop_replans: int = 0  # plans changed since (bandwidth moved to another bin, or the model drifted)
+    # what lop measured online: the link (from replayed inferences' own round trips), the robot's
+    # walk through the app's calls per inference, and its band times over their profiled model
+    lop_link_mbit: float = 0.0
+    lop_link_rtt_ms: float = 0.0
+    lop_walk_ms: float = 0.0
+    lop_robot_scale: float = 1.0
     # lop: the planned inference's modelled schedule, [lane, start_s, end_s, label] per interval
     timeline: list = field(default_factory=list)
     robot_torch: str = ""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -61,6 +62,14 @@ class Link:
         self._early: dict[int, tuple] = {}  # such replies, arrived before the robot asked for them
         self.session: str | None = None
         self.closed = False
+        # Link samples from real traffic: a message sent after ``clock_next()`` is marked, the
+        # server's next reply says how long it held it ('sv'), and (bytes up + down, round trip
+        # minus that) lands in ``transfers`` when the robot was waiting as the reply came in
+        # (a reply read late, after the app's own work, says nothing about the link).
+        self.transfers: deque[tuple[int, float]] = deque(maxlen=64)
+        self._clock_next = False
+        self._clocks = 0
+        self._clocked: tuple[int, float, int] | None = None  # (number, sent at, bytes)
 
     def hello(self, info: dict, timeout: float | None = None) -> dict:
         """Open a session; returns the server's description of itself."""
@@ -113,6 +122,10 @@ class Link:
             self._sock.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
+
+    def clock_next(self) -> None:
+        """Time the next message sent and the server's next reply (see ``transfers``)."""
+        self._clock_next = True
 
     def send(self, header: dict, frames: list = (), wait_sent: bool = False) -> None:
         """Send without waiting for a reply; ``wait_sent`` blocks until zmq let go of the frames."""
@@ -171,6 +184,7 @@ class Link:
             start = heard = time.monotonic()
             every = int(self.fault_timeout * 250) + 1  # ms: four pings per fault timeout
             while True:
+                waited = not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN  # else the next message came earlier
                 ready = dict(self._poller.poll(every))
                 if self._pinger in ready:  # pongs: the server is alive, the link carries packets
                     heard = time.monotonic()
@@ -194,8 +208,11 @@ class Link:
                     continue
                 heard = time.monotonic()
                 msg = self._sock.recv_multipart(copy=False)
-                self.stats.bytes_received += sum(len(f) for f in msg)
+                nbytes = sum(len(f) for f in msg)
+                self.stats.bytes_received += nbytes
                 reply, rframes = codec.unpack(msg)
+                if "sv" in reply:
+                    self._clock_reply(reply["sv"], nbytes, waited)
                 q = reply.get("q")
                 if q == seq:
                     return _checked(reply, rframes)
@@ -204,14 +221,31 @@ class Link:
                     self._early[q] = (reply, rframes)
                 # else: a pong, or the late answer to a request that timed out or was forgotten
 
+    def _clock_reply(self, sv, nbytes: int, waited: bool) -> None:
+        clocked, self._clocked = self._clocked, None
+        if clocked is None or not waited or type(sv) is not list or len(sv) != 2 or sv[0] != clocked[0] \
+                or type(sv[1]) not in (int, float):
+            return
+        seconds = time.perf_counter() - clocked[1] - float(sv[1])
+        if seconds > 0:
+            self.transfers.append((clocked[2] + nbytes, seconds))
+
     def _pack(self, header: dict, frames: list) -> list:
         if self.closed:
             raise LinkError("this rrto connection is closed (rrto.disable() was called)")
         if self.session is not None:
             header["s"] = self.session
+        clock = self._clock_next
+        if clock:
+            self._clock_next = False
+            self._clocks += 1
+            header["clk"] = self._clocks
         msg = codec.pack(header, frames)
+        nbytes = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in msg)
         self.stats.messages_sent += 1
-        self.stats.bytes_sent += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in msg)
+        self.stats.bytes_sent += nbytes
+        if clock:
+            self._clocked = (self._clocks, time.perf_counter(), nbytes)
         return msg
 
     def close(self, linger: float = 1.0) -> None:

@@ -65,6 +65,10 @@ class Session:
         self.programs_run = 0
         self._ahead_job: tuple | None = None  # (program, base, from, to, slots, seqs): run after the reply
         self._ahead_run: AheadRun | None = None  # the last run ahead, until the robot settles it
+        # A robot measures its link with real inferences: a message it marks 'clk': n is stamped
+        # on arrival, and the next reply carries 'sv': [n, seconds spent here since] (lop's planner
+        # subtracts it from the round trip it saw; nothing is compared across the two clocks).
+        self._clocked: tuple | None = None
 
     # -- worker ------------------------------------------------------------------
 
@@ -78,6 +82,8 @@ class Session:
             if self.pending_bytes + nbytes > self.limits.max_session_bytes:
                 return False
             self.pending_bytes += nbytes
+        if "clk" in header:  # stamped here, on arrival: time queued behind other work is the server's
+            header["clk"] = (header["clk"], time.perf_counter())
         self.inbox.put((header, frames, nbytes))
         return True
 
@@ -93,11 +99,14 @@ class Session:
                     if item is None:
                         break
                     header, frames, nbytes = item
+                    clk = header.get("clk")
+                    if clk is not None and type(clk[0]) is int:
+                        self._clocked = clk
                     reply = self.handle(header, frames)
                     with self._pending_lock:
                         self.pending_bytes -= nbytes
                     if reply is not None:
-                        sock.send_multipart([self.identity, *codec.pack(*reply)], copy=False)
+                        self._send(sock, *reply)
                     if "aq" in header:
                         self._answer_ahead(header, sock)
                     if header.get("t") == "bye":
@@ -352,13 +361,20 @@ class Session:
             raise OpError("a run ahead needs one reply number in 'aq' per wait in its steps")
         return prog, base, a, b, slots, aq
 
+    def _send(self, sock, reply: dict, frames: list) -> None:
+        if self._clocked is not None:
+            n, arrived = self._clocked
+            self._clocked = None
+            reply["sv"] = [n, round(time.perf_counter() - arrived, 6)]
+        sock.send_multipart([self.identity, *codec.pack(reply, frames)], copy=False)
+
     def _answer_ahead(self, header: dict, sock) -> None:
         """Run ahead what the message asked for; every number in 'aq' gets exactly one reply."""
         job, self._ahead_job = self._ahead_job, None
         aq = header["aq"]
 
         def send(reply: dict, frames: list) -> None:
-            sock.send_multipart([self.identity, *codec.pack(reply, frames)], copy=False)
+            self._send(sock, reply, frames)
 
         if job is not None:
             prog, base, a, b, slots, seqs = job

@@ -147,3 +147,59 @@ def test_the_planner_models_the_download_the_app_makes(server):
     assert program is not None, "the sequence was not adopted"
     assert download_bytes(program) == features[:, :2, :1].numel() * 4
     assert analyse(program).steps()[-1].bytes >= features.numel() * 4  # the chain's output: the whole map
+
+
+def test_lop_measures_its_link_and_walk_online_and_replans_when_the_bandwidth_moves(server):
+    """The planner's inputs come from the inferences themselves (each one's first round trip,
+    minus what the server says it spent; the robot's walk through the app's calls). When the
+    measured bandwidth enters another bin, LOSS plans for it in the background and the robot
+    runs that plan from the next inference on, still equal to local."""
+    xs = frames_of(64, 8, seed=5)
+    torch.manual_seed(0)
+    net = M.randomize_norms(M.resnet18(10), 1).eval()
+    with torch.no_grad():
+        local = [net(x) for x in xs]
+    rrto.enable(server=server.url, mode="lop", timeout=20)
+    try:
+        stats = rrto.current().stats
+        planner = rrto.current().runtime.lop.planner
+        remote = net.to("cuda")
+
+        def frame(i):
+            y = remote(xs[i % len(xs)].to("cuda")).cpu()
+            torch.cuda.synchronize()
+            assert torch.allclose(local[i % len(xs)], y, rtol=1e-4, atol=1e-5), f"frame {i}"
+
+        with torch.no_grad():
+            i, deadline = 0, time.monotonic() + 120
+            while (stats.lop_planned_at_sync < 0 or stats.lop_link_mbit == 0) and time.monotonic() < deadline:
+                frame(i)
+                i += 1
+            assert planner.current is not None, f"planning did not end in 120 s: {stats.snapshot()}"
+            assert stats.lop_link_mbit > 0 and stats.lop_walk_ms > 0, stats.snapshot()
+            before = planner.current
+            # the link as the next inferences would measure it at 3 Mbit/s: what the transport adds
+            slow = mbit_bytes(3)
+            planner.observe([(n, 2e-3 + n / slow) for n in (1_000, 60_000, 120_000, 250_000) * 16], None, None)
+            while planner.current is before and time.monotonic() < deadline:
+                time.sleep(0.2)  # the watcher ticks once a second; the new bin must hold for two ticks
+            now = planner.current
+            assert now is not before, "the planner did not plan for the new bandwidth"
+            assert planner._bins(now.bandwidth) == planner._bins(slow), (now.bandwidth, slow)
+            for _ in range(3):  # the robot installs the new plan at the next upload, runs it from the one after
+                frame(i)
+                i += 1
+            s = stats.snapshot()
+    finally:
+        rrto.disable()
+    assert 2.5 < s["lop_link_mbit"] < 3.5, s
+    usable = now.plan.depth > 0 and any(now.plan.robot)
+    print(f"plan at {before.bandwidth * 8e-6:.0f} Mbit/s: {before.plan}; at 3 Mbit/s: {now.plan}")
+    # what the robot runs is what the planner chose for the bandwidth measured now
+    assert (s["lop_depth"], s["lop_bands"]) == ((now.plan.depth, now.plan.n_bands) if usable else (0, 0)), s
+    if now.plan != before.plan:
+        assert s["lop_replans"] >= 1, s
+
+
+def mbit_bytes(mb: float) -> float:
+    return mb * 1e6 / 8

@@ -99,6 +99,32 @@ def test_step_times_tables_update_the_model():
 
 # -- link estimator ---------------------------------------------------------------------
 
+def test_the_robots_walk_bounds_every_plan_and_follows_its_bands():
+    p = resnet18_like(speed=JETSON)
+    link = Link(mbit(73), 3e-3)
+    d = 27
+    rows = p.steps[d - 1].rows
+    split_plan = BandPlan(d, (0, 10, rows), (False, True))
+    off0, split0 = simulate(p, BandPlan.offload(), link), simulate(p, split_plan, link)
+    assert split0.latency < off0.latency  # without the walk the robot's band pays off here
+    robot_band = p.band_time(d, 10, rows, True)
+    p.robot_walk_s = off0.latency * 1.5
+    p.touch()
+    off, split = simulate(p, BandPlan.offload(), link), simulate(p, split_plan, link)
+    assert off.latency == pytest.approx(p.robot_walk_s)  # the walk overlaps the upload and the server
+    assert split.latency == pytest.approx(robot_band + p.robot_walk_s)  # ... but follows the robot's bands
+    assert off.robot_busy == pytest.approx(p.robot_walk_s)
+    # no band plan beats the walk: what is left is offload, or the app without rrto (no walk)
+    assert plan(p, link).plan in (BandPlan.offload(), baselines.local(p))
+    # the robot found slower than profiled: its band costs scale, the server's do not
+    server_band = p.band_time(d, 0, 10, False)
+    p.robot_scale = 2.0
+    p.touch()
+    assert p.band_time(d, 10, rows, True) == pytest.approx(2 * robot_band)
+    assert p.band_time(d, 0, 10, False) == pytest.approx(server_band)
+    assert simulate(p, split_plan, link).latency == pytest.approx(2 * robot_band + p.robot_walk_s)
+
+
 def test_link_estimator_recovers_bandwidth_and_rtt():
     rng = np.random.default_rng(1)
     est = LinkEstimator(window=32)

@@ -241,3 +241,37 @@ def test_a_grown_out_tensor_counts_against_the_session(raw):
     assert raw.request({"t": "mem"})["allocated"] - before >= 1000 * 4
     raw.request({"t": "free", "fr": [1]})
     assert raw.request({"t": "mem"})["allocated"] == before
+
+
+def test_a_clocked_message_measures_the_link_without_the_servers_time(remote):
+    """lop's planner measures the link with real traffic: the server stamps a marked message
+    on arrival and its next reply says how long it held it, so the robot's sample is the
+    round trip minus the server's work, or its idling."""
+    link = remote.runtime.link
+    x = torch.randn(384, 384).to("cuda")
+    torch.cuda.synchronize()
+
+    def work() -> None:
+        y = x
+        for _ in range(30):  # tens of ms of matmuls on the server, sent without waiting
+            y = (y @ x) / 384
+        return y
+
+    link.transfers.clear()
+    link.clock_next()
+    t0 = time.perf_counter()
+    work()
+    torch.cuda.synchronize()  # its reply carries the server's time since the first matmul arrived
+    rt = time.perf_counter() - t0
+    assert len(link.transfers) == 1, list(link.transfers)
+    nbytes, seconds = link.transfers[0]
+    assert nbytes > 0 and rt > 0.02, (nbytes, rt)
+    assert 0 < seconds < 0.5 * rt, (seconds, rt)  # loopback: the round trip is the server's work
+    link.transfers.clear()
+    link.clock_next()
+    t0 = time.perf_counter()
+    work()
+    time.sleep(0.5)  # the server idles until asked: held time too, not the link's
+    torch.cuda.synchronize()
+    rt = time.perf_counter() - t0
+    assert len(link.transfers) == 1 and 0 < link.transfers[0][1] < 0.1 < 0.5 < rt, (list(link.transfers), rt)

@@ -95,6 +95,8 @@ class Runtime:
         self._blocks = itertools.count(2**52, _NAMED_OUTPUTS)
         self._plans: dict = {}
         self._names: dict = {}
+        # a replayed inference: when its input went up, and the robot's walk from there to the first wait
+        self._walk_from, self._walk = 0.0, None
         self.closed = False
         self._last_sync = (time.perf_counter(), stats.messages_sent, stats.round_trips,
                            stats.bytes_sent, stats.bytes_received)
@@ -336,12 +338,19 @@ class Runtime:
         if rep is not None and rep.program is not None:
             step = rep.match(PUT, key, [], (True,))
         h = rep.base + step.out_offsets[0] if step is not None else next(self._handles)
+        first = step is not None and step is rep.program.steps[0]  # an inference's input
         try:
-            if step is not None and self.lop is not None and step is rep.program.steps[0] and \
-                    self.lop.upload(src, rep.base, self.streamer, rep):
+            if first:
+                self.link.clock_next()  # its round trip measures the link (lop's planner)
+                if self.lop is not None:
+                    self.lop.observe(self.link.transfers, self._walk)
+                self._walk = None
+            if first and self.lop is not None and self.lop.upload(src, rep.base, self.streamer, rep):
                 pass  # sent as bands
             else:
                 self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking), cache=weight)
+            if first:
+                self._walk_from = time.perf_counter()
         except LinkError as e:
             self._lose(e)
         if self.copies is not None and step is None:
@@ -456,6 +465,8 @@ class Runtime:
         seq = rep.answered_ahead()
         if seq is None:
             return None
+        if self._walk_from:  # the first wait since the input went up: the robot's walk ends here
+            self._walk, self._walk_from = time.perf_counter() - self._walk_from, 0.0
         reply = self.link.await_reply(seq, what)
         stop = reply[0].get("stop")
         if stop is not None:  # it could not go on alone

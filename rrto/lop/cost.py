@@ -15,7 +15,10 @@ input slices (chain-input rows with halo) on the wire, then computes its own ban
 by one, shipping each result as soon as it is computed; the link is one FIFO. The
 server computes a band as soon as its input has arrived (one band at a time), stitches
 the chain output at ``depth`` once every band is there, runs the remaining steps and the
-result is downloaded. Full offload, layer partition and local are special cases.
+result is downloaded. Full offload, layer partition and local are special cases. Once its
+bands are done the robot walks through the app's calls (``Profile.robot_walk_s``): the
+result is read no earlier than that walk's end, whatever the link and server do (local,
+the app running without rrto, has no walk).
 
 Energy model of the robot: power states computing / transmitting / both / idle-waiting,
 integrated over the timeline.
@@ -78,6 +81,14 @@ class Profile:
     server_band_overhead_s: float = 10e-6
     depths: Optional[Sequence[int]] = None
     version: int = 0  # bumped whenever times change: plans cached by the planner go stale
+    # The robot's own walk through the app's calls in a replayed inference (matching each op
+    # against the program): it starts once the input (or the robot's bands) went up, and the
+    # app reads its result only after it. At half a Jetson core it is tens of ms for a
+    # 300-op detector, so it bounds every plan from below; 0 for synthetic profiles.
+    robot_walk_s: float = 0.0
+    # Sustained / profiled robot speed: the chain is profiled in one burst, while a quota-
+    # or heat-limited CPU runs the bands of every frame slower (lop measures it online).
+    robot_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -198,12 +209,12 @@ class Profile:
         if table:
             hs = [k for k, _ in table]
             rates = [v / k for k, v in table]
-            return float(np.interp(h, hs, rates)) * h
+            return float(np.interp(h, hs, rates)) * h * (self.robot_scale if robot else 1.0)
         full = s.robot_s if robot else s.server_s
         t = full * h / max(s.rows, 1)
         if h < s.rows:
             t += self.robot_band_overhead_s if robot else self.server_band_overhead_s
-        return t
+        return t * self.robot_scale if robot else t
 
     def band_time(self, d: int, a: int, b: int, robot: bool) -> float:
         """Time to compute steps [0, d) for output rows [a, b) of step d-1 (with halo)."""
@@ -236,6 +247,8 @@ class Profile:
                     over = self.robot_band_overhead_s if robot else self.server_band_overhead_s
                     hit[j, 1:s.rows + 1] = (s.robot_s if robot else s.server_s) * h / max(s.rows, 1) + over
                     hit[j, s.rows] -= over
+            if robot:
+                hit *= self.robot_scale
             self._cache[key] = hit
         return hit
 
@@ -448,6 +461,7 @@ def simulate(profile: Profile, plan, link: Link, power: Power = Power(), trace: 
     compute: list[tuple[float, float]] = []
     tx: list[tuple[float, float]] = []
 
+    walk = profile.robot_walk_s
     if d == 0 or not bands:  # full offload
         up = profile.in_bytes / bw
         tx.append((0.0, up))
@@ -457,7 +471,10 @@ def simulate(profile: Profile, plan, link: Link, power: Power = Power(), trace: 
         ev(("uplink", 0.0, up, "input"))
         ev(("server compute", up + half, t, "program"))
         ev(("downlink", t + half, end, "result"))
-        return Estimate(end, energy(end, [], tx, power), 0.0, up + profile.result_bytes / bw)
+        if walk:
+            ev(("robot compute", 0.0, walk, "walk"))
+        end = max(end, walk)
+        return Estimate(end, energy(end, [(0.0, walk)], tx, power), walk, up + profile.result_bytes / bw)
 
     if d == n and all(r for _, _, r in bands):  # local
         t = profile.prefix_time(n, robot=True)
@@ -502,6 +519,10 @@ def simulate(profile: Profile, plan, link: Link, power: Power = Power(), trace: 
     end = down_start + profile.result_bytes / bw
     tx.append((down_start, end))
     ev(("downlink", down_start, end, "result"))
+    if walk:  # the app's calls are walked once the robot's bands are done (they run in its upload)
+        compute.append((robot_free, robot_free + walk))
+        ev(("robot compute", robot_free, robot_free + walk, "walk"))
+        end = max(end, robot_free + walk)
     busy_c = sum(b - a for a, b in compute)
     busy_t = sum(b - a for a, b in tx)
     return Estimate(end, energy(end, compute, tx, power), busy_c, busy_t)

@@ -197,8 +197,13 @@ class Planner:
             self._thread = threading.Thread(target=self._run, name="rrto-loss", daemon=True)
             self._thread.start()
 
+    @staticmethod
+    def bin_of(bandwidth: float, bins_per_decade: int = 8) -> int:
+        """The bin of a bandwidth (bytes/s): ``bins_per_decade`` log-spaced bins per factor of 10."""
+        return math.floor(math.log10(max(bandwidth, 1.0)) * bins_per_decade)
+
     def bin(self, bandwidth: float) -> int:
-        return math.floor(math.log10(max(bandwidth, 1.0)) * self.bins_per_decade)
+        return self.bin_of(bandwidth, self.bins_per_decade)
 
     def bin_bandwidth(self, b: int) -> float:
         """The bandwidth a bin is planned for: its geometric centre."""

@@ -13,6 +13,19 @@ What is measured, when a program is adopted (once; a few tens of ms):
                 A CUDA server's host clock sees launches, not kernels: there server steps
                 are the robot's divided by ``server_speedup`` (RRTO_LOP_SERVER_SPEEDUP;
                 by default 20 for a CUDA server, 2 for a CPU one).
+
+What is measured online, at every replayed inference (``observe``, on the app's thread: it
+only queues), and applied by a watcher thread once a second:
+  link          the inference's first message and the server's first reply, minus the time
+                the server says it held them (``transport.Link.transfers``);
+  robot walk    from the input's upload to the first wait: the robot matching the app's
+                calls against the program (``Profile.robot_walk_s``);
+  robot speed   the robot's bands as they ran, against their modelled time: a burst-profiled
+                chain under a CPU quota runs slower every frame (``Profile.robot_scale``).
+Plans are kept per bandwidth bin (``loss.Planner``'s bins). The watcher plans again when the
+measured bandwidth enters another bin (a plan kept for that bin is reused) or when the plan
+in force is modelled more than ``DRIFT`` off what it was chosen for (every kept plan is then
+stale); at most once per ``REPLAN_S`` for drift: each search costs the robot's CPU.
 """
 from __future__ import annotations
 
@@ -21,6 +34,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from typing import Callable
 
 import torch
@@ -30,7 +44,7 @@ from .bands import node_times, run_band
 from .cost import LinkEstimator, Power, Profile, StepCost, simulate
 from . import baselines
 from .bands import constants
-from .loss import Choice
+from .loss import Choice, Planner
 from .loss import plan as loss_plan
 from .plan import BandPlan
 
@@ -39,6 +53,19 @@ MEASURED_RUNS = 5  # the server's step times are asked for after it ran the prog
 SERVER_TIMES_WAIT_S = 10.0  # how long planning waits for them (the app may stop calling)
 MAX_CUTS = 8  # cuts profiled (evenly over the chain) and offered to the planner
 UNREACHABLE_S = 1e3  # the tail after the chain: the band executor never runs it on the robot
+WATCH_S = 1.0  # the watcher applies what was measured, and checks the plan, this often
+REPLAN_S = 5.0  # at most one search for model drift this often (a bin change searches at once)
+DRIFT = 0.15  # the plan in force modelled this much off what it was chosen at: search again
+EMA = 0.3
+
+
+def yield_to_the_app() -> None:
+    """Lowest CPU priority for the calling (planning) thread: on a robot's few cores the app's
+    inference comes first; planning uses what the app leaves idle (Linux: a thread's nice)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # no per-thread priorities here: plan at the app's
+        pass
 
 
 def default_speedup(server_device: str) -> float:
@@ -77,6 +104,12 @@ class LossPlanner:
         self.server_measured = False  # the last plan's server times were measured on the server
         self._pid, self._uploads, self._measured = None, 0, None
         self._measured_ready = threading.Event()
+        self._observed: deque = deque(maxlen=256)  # (link samples, walk s, robot bands) per inference
+        self._bins = Planner.bin_of  # the bandwidth bins plans are kept for
+        self._generation = 0  # one per planned program: an older program's watcher stops
+        self._replan: tuple | None = None  # (BandPlan | None,) for the robot to install
+        self.replans = 0
+        self.current: Choice | None = None  # the plan in force (full offload included), as last chosen
 
     def prepare(self, program=None) -> None:
         """Probe the link (on the app's thread: it uses the session's socket)."""
@@ -96,6 +129,107 @@ class LossPlanner:
                 self._measured = self.step_times(self._pid)
             finally:
                 self._measured_ready.set()
+
+    def observe(self, transfers: list, walk: float | None, bands: tuple | None) -> None:
+        """One replayed inference as it ran (app thread: queued for the watcher). ``transfers``:
+        (bytes, seconds) link samples; ``walk``: seconds from its upload to its first wait;
+        ``bands``: (plan, seconds the robot's bands took) when it went up in bands."""
+        self._observed.append((transfers, walk, bands))
+
+    def replanned(self) -> tuple | None:
+        """(BandPlan or None for full offload,) once the watcher chose another plan; else None."""
+        r, self._replan = self._replan, None
+        return r
+
+    def close(self) -> None:
+        self._generation += 1  # the watcher stops at its next tick
+
+    def _apply(self, prof: Profile) -> None:
+        """What the app's thread queued, into the link estimate and the profile (watcher/planning thread)."""
+        walk, scale = prof.robot_walk_s, prof.robot_scale
+        while self._observed:
+            transfers, w, bands = self._observed.popleft()
+            for nbytes, seconds in transfers:
+                self.link.add(nbytes, seconds)
+            if w is not None:
+                walk = w if not walk else (1 - EMA) * walk + EMA * w
+            if bands is not None:
+                plan, seconds = bands
+                try:
+                    modelled = sum(prof.band_time(plan.depth, a, b, True) for a, b, r in plan.bands() if r)
+                except (IndexError, ValueError):  # a plan of the program before this one
+                    modelled = 0.0
+                if modelled > 0 and seconds > 0:
+                    ratio = min(5.0, max(0.5, seconds / (modelled / prof.robot_scale)))
+                    scale = (1 - EMA) * scale + EMA * ratio
+        if (walk, scale) != (prof.robot_walk_s, prof.robot_scale):
+            prof.robot_walk_s, prof.robot_scale = walk, scale
+            prof.touch()
+        if self.stats is not None:
+            s = self.stats
+            s.lop_walk_ms, s.lop_robot_scale = round(walk * 1e3, 2), round(scale, 3)
+            if self.link.bandwidth:
+                s.lop_link_mbit, s.lop_link_rtt_ms = round(self.link.bandwidth * 8e-6, 2), round(self.link.rtt * 1e3, 2)
+
+    def _choose(self, prof: Profile, link) -> Choice:
+        if self.layers_only:
+            p, e = baselines.neurosurgeon(prof, link, self.power)
+            return Choice(p, e.latency, e.energy, link.bandwidth, True)
+        return loss_plan(prof, link, self.power, self.objective, maxiter=20)
+
+    def _usable(self, plan: BandPlan, cuts: list) -> BandPlan | None:
+        return plan if plan.depth in cuts and any(plan.robot) else None  # else full offload: plain replay
+
+    def _watch(self, generation: int, prof: Profile, cuts: list, choice: Choice) -> None:
+        """Re-plan when the bandwidth moves to another bin or the model drifts (module docstring)."""
+        yield_to_the_app()
+        kept = {self._bins(choice.bandwidth): choice}
+        current, searched_at, seen = choice, time.monotonic(), None
+        while True:
+            time.sleep(WATCH_S)
+            if generation != self._generation:
+                return
+            self._apply(prof)
+            link = self.link.link()
+            if link is None:
+                continue
+            b = self._bins(link.bandwidth)
+            moved = b != self._bins(current.bandwidth) and b == seen  # two ticks in a row: not one noisy fit
+            seen = b
+            now = simulate(prof, current.plan, link, self.power).latency
+            drift = abs(now / current.latency - 1) if current.latency > 0 else 0.0
+            if not moved and (drift <= DRIFT or time.monotonic() - searched_at < REPLAN_S):
+                continue
+            why = f"the link moved to {link.bandwidth * 8e-6:.0f} Mbit/s" if moved else \
+                f"the plan in force is now modelled at {now * 1e3:.1f} ms, chosen at {current.latency * 1e3:.1f}"
+            if drift > DRIFT:
+                kept.clear()
+            hit = kept.get(b)
+            if hit is None:
+                hit = kept[b] = self._choose(prof, link)
+                searched_at = time.monotonic()
+            if generation != self._generation:
+                return
+            changed = hit.plan != current.plan
+            current = self.current = hit
+            self._say_plan(prof, hit, link, f"{'re-planned' if changed else 'plan kept'} ({why})")
+            if changed:
+                self.replans += 1
+                if self.stats is not None:
+                    self.stats.lop_replans = self.replans
+                self._replan = (self._usable(hit.plan, cuts),)
+
+    def _say_plan(self, prof: Profile, choice: Choice, link, what: str) -> None:
+        p = choice.plan
+        if self.stats is not None:  # the modelled schedule of one inference, for the benchmark's timeline plot
+            events: list = []
+            simulate(prof, p, link, self.power, trace=events)
+            self.stats.timeline = [[lane, round(a, 6), round(b, 6), f"{label} (model)"] for lane, a, b, label in events]
+        if self.verbose:
+            print(f"rrto: lop: {what}: {link.bandwidth * 8 / 1e6:.0f} Mbit/s, rtt {link.rtt * 1e3:.1f} ms, "
+                  f"walk {prof.robot_walk_s * 1e3:.1f} ms, robot x{prof.robot_scale:.2f}: depth {p.depth}, "
+                  f"{p.n_bands} band(s), {sum(p.robot)} on the robot, modelled {choice.latency * 1e3:.1f} ms",
+                  file=sys.stderr, flush=True)
 
     def _server_seconds(self, chain: Chain) -> tuple[list[float], float] | None:
         """(per chain step, the rest of the program) as the server measured them, or None."""
@@ -134,33 +268,24 @@ class LossPlanner:
         return prof, cuts
 
     def __call__(self, chain: Chain) -> BandPlan | None:
+        """Profile the chain and choose its first plan (planning thread); then watch (see above)."""
+        self._generation += 1
+        generation = self._generation
         t0 = time.perf_counter()
         prof, cuts = self.profile(chain)
         if not cuts:
             return None
+        self._apply(prof)  # the inferences replayed while profiling: their walk and link samples
         t1 = time.perf_counter()
         link = self.link.link()
-        if self.layers_only:
-            p, e = baselines.neurosurgeon(prof, link, self.power)
-            choice = Choice(p, e.latency, e.energy, link.bandwidth, True)
-        else:
-            choice = loss_plan(prof, link, self.power, self.objective, maxiter=20)
-        self.last = choice
-        p = choice.plan
-        if self.stats is not None:  # the modelled schedule of one inference, for the benchmark's timeline plot
-            events: list = []
-            simulate(prof, p, link, self.power, trace=events)
-            self.stats.timeline = [[lane, round(a, 6), round(b, 6), f"{label} (model)"] for lane, a, b, label in events]
-        if self.verbose:
-            server = sum(st.server_s for st in prof.steps) * 1e3
-            print(f"rrto: lop: profiled in {(t1 - t0) * 1e3:.0f} ms (server steps "
-                  f"{'measured there' if self.server_measured else f'the robot/{self.speedup:g}'}: "
-                  f"{server:.1f} ms in all), "
-                  f"{'layer cut' if self.layers_only else 'LOSS'} "
-                  f"planned in {(time.perf_counter() - t1) * 1e3:.0f} ms for "
-                  f"{link.bandwidth * 8 / 1e6:.0f} Mbit/s, rtt {link.rtt * 1e3:.1f} ms: depth {p.depth}, "
-                  f"{p.n_bands} band(s), {sum(p.robot)} on the robot, modelled {choice.latency * 1e3:.1f} ms",
-                  file=sys.stderr, flush=True)
-        if p.depth not in cuts or not any(p.robot):
-            return None  # full offload: plain replay does that with less machinery
-        return p
+        choice = self.last = self.current = self._choose(prof, link)
+        server = sum(st.server_s for st in prof.steps) * 1e3
+        self._say_plan(prof, choice, link,
+                       f"profiled in {(t1 - t0) * 1e3:.0f} ms (server steps "
+                       f"{'measured there' if self.server_measured else f'the robot/{self.speedup:g}'}: "
+                       f"{server:.1f} ms in all), {'layer cut' if self.layers_only else 'LOSS'} planned in "
+                       f"{(time.perf_counter() - t1) * 1e3:.0f} ms")
+        if generation == self._generation:
+            threading.Thread(target=self._watch, args=(generation, prof, cuts, choice), name="rrto-lop-watch",
+                             daemon=True).start()
+        return self._usable(choice.plan, cuts)

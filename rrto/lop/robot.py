@@ -18,9 +18,9 @@ had reached, so eager execution continues on exactly the tensors replay would ha
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -31,6 +31,7 @@ from rrto.record.program import Program
 from .analysis import Chain, analyse
 from .bands import Prefix, constants, input_rows, prefix, run_ops
 from .plan import BandPlan
+from .planning import yield_to_the_app
 
 Planner = Callable[[Chain], "BandPlan | None"]
 
@@ -78,6 +79,8 @@ class LopRobot:
         self._job: tuple | None = None  # (program, chain, register) being planned
         self._ready: tuple | None = None  # (job, plan) from the planning thread
         self._drop: int | None = None  # the previous band program, dropped when the next registers
+        self._planned_job: tuple | None = None  # the job whose plan is in force: re-plans install for it
+        self._bands_ran: tuple | None = None  # (plan, seconds) of the robot's bands in the last inference
 
     # -- adoption ----------------------------------------------------------------------
 
@@ -112,7 +115,7 @@ class LopRobot:
         return program.n_handles
 
     def _plan(self, job: tuple) -> None:
-        _yield_to_the_app()
+        yield_to_the_app()
         try:
             plan = self.planner(job[1])
         except Exception as e:  # noqa: BLE001 - a planner bug must cost only the speed-up
@@ -123,6 +126,9 @@ class LopRobot:
     def _install(self, job: tuple, plan: BandPlan | None, replayer) -> None:
         program, chain, register = job
         self._planned()
+        self._planned_job = job
+        if self.active is not None:  # a re-plan: the band program in force goes with the next one
+            self._drop, self.active = self.active.pid, None
         why = chain.ends
         if plan is not None and plan.depth > 1:
             pre = prefix(chain, plan, program.n_handles)
@@ -133,6 +139,7 @@ class LopRobot:
             if missing:
                 why = f"the robot has no copy of {len(missing)} parameter(s) its bands need"
             elif register(header, list(program.frames)):
+                self._drop = None
                 self.active = _Active(-program.pid, chain, plan, pre, constants(program), program.n_handles)
                 replayer.reserve = pre.end
                 s = self.stats
@@ -144,8 +151,10 @@ class LopRobot:
                 return
             else:
                 why = "the server refused the band program"
-        elif plan is not None:
+        elif plan is not None or getattr(self.planner, "last", None) is not None:
             why = "the planner chose full offload"
+        s = self.stats
+        s.lop_depth = s.lop_bands = s.lop_robot_bands = 0
         self._say(f"no banded plan ({why}); replaying with a whole upload")
 
     def _planned(self) -> None:
@@ -158,6 +167,16 @@ class LopRobot:
 
     # -- one inference -------------------------------------------------------------------
 
+    def observe(self, transfers, walk: float | None) -> None:
+        """The last inference as it ran (at the next one's upload): the link samples the
+        transport took (drained here), the robot's walk through the app's calls, and its bands."""
+        samples = list(transfers)
+        transfers.clear()
+        bands, self._bands_ran = self._bands_ran, None
+        observe = getattr(self.planner, "observe", None)
+        if observe is not None:
+            observe(samples, walk, bands)
+
     def upload(self, x: torch.Tensor, base: int, streamer, replayer) -> bool:
         """Send the input of a replayed iteration as bands; False: upload it whole as usual."""
         tick = getattr(self.planner, "tick", None)
@@ -168,6 +187,11 @@ class LopRobot:
             self._ready = self._job = None
             self._install(*ready, replayer)
             return False  # this iteration's handles were counted without the bands: next one
+        replanned = getattr(self.planner, "replanned", None)
+        again = replanned() if replanned is not None and self._job is None else None
+        if again is not None and self._planned_job is not None and self._planned_job[0] is replayer.program:
+            self._install(self._planned_job, again[0], replayer)
+            return False
         act = self.active
         if act is None or -act.pid != replayer.program.pid or tuple(x.shape) != act.chain.shapes[0] \
                 or x.dtype != act.chain.dtypes[0]:
@@ -183,10 +207,12 @@ class LopRobot:
         if pre.slices:
             replayer.add_run(act.pid, base, 0, pre.server_end)
             streamer.notify("free")  # carries the run: the server starts on its bands now
+        t0 = time.perf_counter()
         with torch.no_grad():
             for off, bd in pre.results:
                 t = run_ops(bd.ops, {0: input_rows(act.chain, x, bd.lo, bd.hi)}, self.copies, act.consts)[bd.out]
                 _put(streamer, base + off, t)
+        self._bands_ran = (act.plan, time.perf_counter() - t0)
         stitch = replayer.add_run(act.pid, base, pre.server_end, len(pre.steps))
         replayer.skip_to = act.plan.depth
         for o in range(act.n_handles, pre.end):  # band temporaries go with the next message, after the stitch
@@ -219,15 +245,6 @@ class LopRobot:
             replayer.drop_run(stitch)
         _put(streamer, base + replayer.program.steps[0].out_offsets[0], x)
         replayer.add_run(replayer.program.pid, base, 1, pos)
-
-
-def _yield_to_the_app() -> None:
-    """Lowest CPU priority for the calling (planning) thread: on a robot's few cores the app's
-    inference comes first; planning uses what the app leaves idle (Linux: a thread's nice)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # no per-thread priorities here: plan at the app's
-        pass
 
 
 def _put(streamer, handle: int, t: torch.Tensor) -> None:
