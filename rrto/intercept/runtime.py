@@ -486,6 +486,9 @@ class Runtime:
         more = {} if handles_from is None else {"handles_from": handles_from}
         if config.ahead:
             more.update(reply_numbers=lambda n: self.link.reserve(n), forget_replies=lambda qs: self.link.forget(qs))
+        if self.lop is not None:
+            self.lop.close()  # the old session's planner stops watching
+            self.lop = None
         self.replayer = Replayer(self.stats, self._register, config.repeats, verbose=config.progress, **more)
         self.streamer.pre_source = self.replayer.take_fields
         if config.mode in ("lop", "partition"):
@@ -568,6 +571,8 @@ class Runtime:
                 self.streamer.bye()  # no reply to wait for: Link.close lingers briefly to deliver it
         finally:
             self.closed = True
+            if self.lop is not None:
+                self.lop.close()
             if self._reconnector is not None:
                 self._reconnector.join(timeout=self.config.fault_timeout + 2 * RECONNECT_EVERY)
             if self._fresh is not None:

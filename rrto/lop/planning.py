@@ -17,7 +17,12 @@ What is measured, when a program is adopted (once; a few tens of ms):
 What is measured online, at every replayed inference (``observe``, on the app's thread: it
 only queues), and applied by a watcher thread once a second:
   link          the inference's first message and the server's first reply, minus the time
-                the server says it held them (``transport.Link.transfers``);
+                the server says it held them (``transport.Link.transfers``). These samples
+                track how the link changes, not its rate: messages of one size after an idle
+                gap meet the same burst allowance of a shaper or radio, so their rate reads
+                high (93 Mbit/s tbf, 32 KB burst: 90 KB inferences fit at 120-200 Mbit/s).
+                The probes give the rate; the bandwidth planned for is the probed one times
+                the inferences' rate now over their rate when the plan in force began;
   robot walk    from the input's upload to the first wait: the robot matching the app's
                 calls against the program (``Profile.robot_walk_s``);
   robot speed   the robot's bands as they ran, against their modelled time: a burst-profiled
@@ -37,11 +42,12 @@ import time
 from collections import deque
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .analysis import Chain
 from .bands import node_times, run_band
-from .cost import LinkEstimator, Power, Profile, StepCost, simulate
+from .cost import Link, LinkEstimator, Power, Profile, StepCost, simulate
 from . import baselines
 from .bands import constants
 from .loss import Choice, Planner
@@ -57,6 +63,8 @@ WATCH_S = 1.0  # the watcher applies what was measured, and checks the plan, thi
 REPLAN_S = 5.0  # at most one search for model drift this often (a bin change searches at once)
 DRIFT = 0.15  # the plan in force modelled this much off what it was chosen at: search again
 EMA = 0.3
+TRACK = 8  # inference link samples per median (the reference one and the current one)
+SUBSTANTIAL_S = 2e-3  # robot bands modelled shorter than this say more about fixed costs than speed
 
 
 def yield_to_the_app() -> None:
@@ -105,6 +113,8 @@ class LossPlanner:
         self._pid, self._uploads, self._measured = None, 0, None
         self._measured_ready = threading.Event()
         self._observed: deque = deque(maxlen=256)  # (link samples, walk s, robot bands) per inference
+        self._rates: deque = deque(maxlen=TRACK)  # bytes/s of the last inferences' link samples
+        self._reference: float | None = None  # their median when the plan in force began
         self._bins = Planner.bin_of  # the bandwidth bins plans are kept for
         self._generation = 0  # one per planned program: an older program's watcher stops
         self._replan: tuple | None = None  # (BandPlan | None,) for the robot to install
@@ -115,6 +125,8 @@ class LossPlanner:
         """Probe the link (on the app's thread: it uses the session's socket)."""
         for n in (0, PROBE_BYTES, 0, PROBE_BYTES, 0, PROBE_BYTES):
             self.link.add(n + 200, self.probe(n))
+        self._rates.clear()
+        self._reference = None
         self._pid, self._uploads, self._measured = getattr(program, "pid", None), 0, None
         self._measured_ready.clear()
 
@@ -150,7 +162,9 @@ class LossPlanner:
         while self._observed:
             transfers, w, bands = self._observed.popleft()
             for nbytes, seconds in transfers:
-                self.link.add(nbytes, seconds)
+                self._rates.append(nbytes / max(seconds - self.link.rtt, 1e-4))
+                if self._reference is None and len(self._rates) == TRACK:
+                    self._reference = float(np.median(self._rates))
             if w is not None:
                 walk = w if not walk else (1 - EMA) * walk + EMA * w
             if bands is not None:
@@ -159,7 +173,7 @@ class LossPlanner:
                     modelled = sum(prof.band_time(plan.depth, a, b, True) for a, b, r in plan.bands() if r)
                 except (IndexError, ValueError):  # a plan of the program before this one
                     modelled = 0.0
-                if modelled > 0 and seconds > 0:
+                if modelled >= SUBSTANTIAL_S * prof.robot_scale and seconds > 0:
                     ratio = min(5.0, max(0.5, seconds / (modelled / prof.robot_scale)))
                     scale = (1 - EMA) * scale + EMA * ratio
         if (walk, scale) != (prof.robot_walk_s, prof.robot_scale):
@@ -168,8 +182,22 @@ class LossPlanner:
         if self.stats is not None:
             s = self.stats
             s.lop_walk_ms, s.lop_robot_scale = round(walk * 1e3, 2), round(scale, 3)
-            if self.link.bandwidth:
-                s.lop_link_mbit, s.lop_link_rtt_ms = round(self.link.bandwidth * 8e-6, 2), round(self.link.rtt * 1e3, 2)
+            link = self.measured_link()
+            if link is not None:
+                s.lop_link_mbit, s.lop_link_rtt_ms = round(link.bandwidth * 8e-6, 2), round(link.rtt * 1e3, 2)
+
+    @property
+    def reference_rate(self) -> float | None:
+        """The inferences' transfer rate (bytes/s) when the plan in force began; None until measured."""
+        return self._reference
+
+    def measured_link(self) -> Link | None:
+        """The probed link, its bandwidth scaled by how the inferences' own transfers changed since
+        the plan in force began (see the module docstring)."""
+        link = self.link.link()
+        if link is None or self._reference is None or len(self._rates) < TRACK:
+            return link
+        return Link(link.bandwidth * float(np.median(self._rates)) / self._reference, link.rtt)
 
     def _choose(self, prof: Profile, link) -> Choice:
         if self.layers_only:
@@ -190,7 +218,7 @@ class LossPlanner:
             if generation != self._generation:
                 return
             self._apply(prof)
-            link = self.link.link()
+            link = self.measured_link()
             if link is None:
                 continue
             b = self._bins(link.bandwidth)
@@ -218,6 +246,11 @@ class LossPlanner:
                 if self.stats is not None:
                     self.stats.lop_replans = self.replans
                 self._replan = (self._usable(hit.plan, cuts),)
+                # its messages differ in size (bands, or the whole input): a new reference rate;
+                # until it is measured, the bandwidth it was planned for stands
+                self.link = LinkEstimator(bandwidth_prior=link.bandwidth, rtt_prior=link.rtt)
+                self._rates.clear()
+                self._reference = None
 
     def _say_plan(self, prof: Profile, choice: Choice, link, what: str) -> None:
         p = choice.plan
@@ -279,6 +312,8 @@ class LossPlanner:
         t1 = time.perf_counter()
         link = self.link.link()
         choice = self.last = self.current = self._choose(prof, link)
+        self._rates.clear()  # the plan's own messages set the reference rate
+        self._reference = None
         server = sum(st.server_s for st in prof.steps) * 1e3
         self._say_plan(prof, choice, link,
                        f"profiled in {(t1 - t0) * 1e3:.0f} ms (server steps "

@@ -161,6 +161,12 @@ class LopRobot:
         """Planning has ended: a benchmark measures lop from the next inference on."""
         self.stats.lop_planned_at_sync = self.stats.syncs
 
+    def close(self) -> None:
+        """The session ends: the planner's background work stops."""
+        close = getattr(self.planner, "close", None)
+        if close is not None:
+            close()
+
     def _say(self, msg: str) -> None:
         if self.verbose:
             print(f"rrto: lop: {msg}", file=sys.stderr, flush=True)
@@ -207,12 +213,14 @@ class LopRobot:
         if pre.slices:
             replayer.add_run(act.pid, base, 0, pre.server_end)
             streamer.notify("free")  # carries the run: the server starts on its bands now
-        t0 = time.perf_counter()
+        computing = 0.0
         with torch.no_grad():
             for off, bd in pre.results:
+                t0 = time.perf_counter()
                 t = run_ops(bd.ops, {0: input_rows(act.chain, x, bd.lo, bd.hi)}, self.copies, act.consts)[bd.out]
+                computing += time.perf_counter() - t0
                 _put(streamer, base + off, t)
-        self._bands_ran = (act.plan, time.perf_counter() - t0)
+        self._bands_ran = (act.plan, computing)
         stitch = replayer.add_run(act.pid, base, pre.server_end, len(pre.steps))
         replayer.skip_to = act.plan.depth
         for o in range(act.n_handles, pre.end):  # band temporaries go with the next message, after the stitch
