@@ -379,3 +379,26 @@ def test_band_and_span_timings_calibrate_the_model():
     assert p.suffix_time(d, robot=False) == pytest.approx(3 * rest)
     times.observe_steps(tail, rest, robot=False)  # then exponential averaging, alpha 0.5
     assert p.suffix_time(d, robot=False) == pytest.approx(2 * rest)
+
+
+def test_what_inferences_measured_calibrates_the_live_planners_profile():
+    from rrto.lop.planning import SUBSTANTIAL_S, LossPlanner
+
+    p = resnet18_like(speed=SLOW)
+    planner = LossPlanner({}, probe=lambda n: 1e-3, server_speedup=2.0)
+    d = 27
+    rows = p.steps[d - 1].rows
+    big = BandPlan(d, (0, 10, rows), (False, True))
+    modelled = p.band_time(d, 10, rows, True)
+    assert modelled >= SUBSTANTIAL_S
+    for _ in range(30):  # the robot's band ran 3x its profiled time, every inference; its walk took 12 ms
+        planner.observe([], 0.012, (big, 3 * modelled))
+    version = p.version
+    planner._apply(p)
+    assert p.robot_scale == pytest.approx(3.0, rel=0.01) and p.robot_walk_s == pytest.approx(0.012)
+    assert p.version > version and p.band_time(d, 10, rows, True) == pytest.approx(3 * modelled, rel=0.01)
+    tiny = BandPlan(2, (0, 1, p.steps[1].rows), (True, False))  # fixed costs more than compute: ignored
+    assert p.band_time(2, 0, 1, True) / p.robot_scale < SUBSTANTIAL_S
+    planner.observe([], None, (tiny, 100 * p.band_time(2, 0, 1, True)))
+    planner._apply(p)
+    assert p.robot_scale == pytest.approx(3.0, rel=0.01)
