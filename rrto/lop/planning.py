@@ -108,7 +108,6 @@ class LossPlanner:
         self.speedup, self.objective, self.power, self.verbose = server_speedup, objective, power, verbose
         self.step_times = step_times
         self.link = LinkEstimator()
-        self.last = None  # the last Choice, for stats and tests
         self.server_measured = False  # the last plan's server times were measured on the server
         self._pid, self._uploads, self._measured = None, 0, None
         self._measured_ready = threading.Event()
@@ -311,7 +310,7 @@ class LossPlanner:
         self._apply(prof)  # the inferences replayed while profiling: their walk and link samples
         t1 = time.perf_counter()
         link = self.link.link()
-        choice = self.last = self.current = self._choose(prof, link)
+        choice = self.current = self._choose(prof, link)
         self._rates.clear()  # the plan's own messages set the reference rate
         self._reference = None
         server = sum(st.server_s for st in prof.steps) * 1e3

@@ -151,7 +151,7 @@ class LopRobot:
                 return
             else:
                 why = "the server refused the band program"
-        elif plan is not None or getattr(self.planner, "last", None) is not None:
+        elif plan is not None or getattr(self.planner, "current", None) is not None:
             why = "the planner chose full offload"
         s = self.stats
         s.lop_depth = s.lop_bands = s.lop_robot_bands = 0
