@@ -349,3 +349,59 @@ def test_backward_is_refused_clearly(remote):
         (w * w).sum().backward()
     with pytest.raises(rrto.UnsupportedOpError, match="backward"):
         torch.autograd.grad((w * 2).sum(), [w])
+
+
+CONV_CASES = [  # (dims, kwargs): every form of the arguments, and those that take torch's own path
+    (2, dict(stride=1, padding=1)), (2, dict(stride=(2, 1), padding=(0, 2), dilation=2)),
+    (2, dict(groups=2, bias=False)), (2, dict(padding="same", dilation=(1, 2))), (2, dict(unbatched=True)),
+    (1, dict(stride=2, padding=3)), (3, dict(stride=(1, 2, 2), padding=1)), (3, dict(groups=4, dilation=2)),
+]
+
+
+@pytest.mark.parametrize("dims,kw", CONV_CASES)
+def test_convolutions_equal_torchs_own_path(remote, dims, kw):
+    torch.manual_seed(dims)
+    kw = dict(kw)
+    bias, unbatched = kw.pop("bias", True), kw.pop("unbatched", False)
+    conv = getattr(torch, f"conv{dims}d")
+    x = torch.randn(*([] if unbatched else [2]), 4, *[9 - d for d in range(dims)])
+    w = torch.randn(8, 4 // kw.get("groups", 1), *[3] * dims)
+    b = torch.randn(8) if bias else None
+    expected = conv(x, w, b, **kw)
+    with torch.no_grad():
+        out = conv(x.cuda(), w.cuda(), None if b is None else b.cuda(), **kw)
+    assert out.shape == expected.shape and out.stride() == expected.stride()
+    assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_in_eval_is_one_op_and_equals_torch(remote, affine):
+    torch.manual_seed(3)
+    bn = nn.BatchNorm2d(5, affine=affine).eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 5, 4, 3)
+    expected = bn(x).detach()
+    bn.cuda()
+    xc = x.cuda()
+    with torch.no_grad():
+        before = remote.stats.ops_intercepted
+        out = bn(xc)
+        assert remote.stats.ops_intercepted == before + 1  # native_batch_norm, without the reserve buffer
+    assert torch.equal(out.cpu(), expected)
+    graded = bn(xc)  # grad mode on, parameters that want grads: torch's own path, autograd records it
+    assert graded.requires_grad == affine
+    assert torch.equal(graded.detach().cpu(), expected)
+
+
+def test_batch_norm_in_training_and_mixed_devices_take_torchs_path(remote):
+    torch.manual_seed(4)
+    bn, ref = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    x = torch.randn(8, 3)
+    with torch.no_grad():
+        expected = ref(x)  # training: updates the running statistics
+        out = bn.cuda()(x.cuda())
+    assert torch.equal(out.cpu(), expected)
+    assert torch.allclose(bn.running_mean.cpu(), ref.running_mean) and bn.num_batches_tracked.item() == 1
+    with pytest.raises(RuntimeError, match="same device|cuda"):
+        torch.nn.functional.batch_norm(x.cuda(), torch.zeros(3), torch.ones(3))

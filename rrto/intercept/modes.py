@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import UnsupportedOpError
 from .remote_tensor import CUDA0, RemoteTensor
+from .shortcuts import SHORTCUTS
 
 aten = torch.ops.aten
 _DATA_FACTORIES = {torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor}
@@ -40,6 +41,11 @@ class DeviceFunctionMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        short = SHORTCUTS.get(func)
+        if short is not None and not self.local:
+            out = short(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         if func is torch.Tensor.cuda:
             return self._cuda(*args, **kwargs)
         if func is torch.Tensor.to:
