@@ -29,6 +29,7 @@ log = logging.getLogger("rrto.server")
 CUDA_DEFAULT_SEED = 67280421310721  # what torch seeds a fresh cuda generator with
 MAX_HANDLE = 2**53
 MAX_NAMED_OUTPUTS = 256  # outputs of one op whose shapes only the server knows
+MAX_FREES = 1 << 20  # handles one message may free by runs (a run is counted out one handle at a time)
 
 
 @dataclass
@@ -126,6 +127,8 @@ class Session:
         """Run one request; returns (reply header, reply frames) when the robot waits for one."""
         q = header.get("q")
         try:
+            if "frr" in header:
+                header["fr"] = _frees(header)
             if self.error is not None and header.get("t") != "bye":
                 if q is None:
                     return None
@@ -533,6 +536,22 @@ class Session:
             if entry[1] == 0:
                 del self._storages[key]
                 self.live_bytes -= entry[0]
+
+
+def _frees(header: dict) -> list:
+    """The handles a message frees: ``fr`` (single handles) and ``frr`` (first, count, first,
+    count, ...), the runs bounded so that a message cannot make the server count for long."""
+    fr, runs = header.get("fr"), header.get("frr")
+    out = [h for h in fr if type(h) is int] if type(fr) is list else []
+    if type(runs) is not list or len(runs) % 2 or not all(type(v) is int for v in runs):
+        raise OpError("'frr' must be a list of (first handle, count) pairs of integers")
+    total = 0
+    for first, count in zip(runs[::2], runs[1::2]):
+        total += count
+        if count < 1 or total > MAX_FREES:
+            raise OpError(f"'frr' frees 1 to {MAX_FREES} handles a message, in runs of at least one")
+        out += range(first, first + count)
+    return out
 
 
 def _frame(frames: list, i: int):

@@ -94,7 +94,7 @@ MARKERS = st.one_of(
     st.builds(lambda v: {"mf": v}, st.sampled_from([*codec.MEMORY_FORMATS, "nchw"])),
     st.builds(lambda v: {"c": v}, JSON), st.just({"ly": "sparse_coo"}))
 VALUES = st.one_of(JSON, MARKERS, st.lists(MARKERS | SCALARS, max_size=5))
-KEYS = ["t", "s", "q", "op", "a", "k", "o", "ob", "in", "h", "d", "fr", "seed", "v", "pre", "ah", "aq", "cf"]
+KEYS = ["t", "s", "q", "op", "a", "k", "o", "ob", "in", "h", "d", "fr", "frr", "seed", "v", "pre", "ah", "aq", "cf"]
 TYPES = ["op", "put", "get", "sync", "seed", "mem", "times", "free", "bye", "hello", "stats", "nope", ""]
 DANGEROUS = ["aten::from_file.default", "aten::_nested_tensor_from_mask.default", "aten::set_.source_Storage",
              "aten::resize_.default", "prims::add.default", "os.system", "aten::_pin_memory.default"]
@@ -124,7 +124,7 @@ def mutated(draw, captured: list, allowed: list) -> list:
             args = header["a"]
             args[draw(st.integers(0, len(args) - 1))] = draw(VALUES)
         elif what == 4:  # bogus handles everywhere handles go
-            header[draw(st.sampled_from(["h", "o", "fr", "ob"]))] = draw(
+            header[draw(st.sampled_from(["h", "o", "fr", "frr", "ob"]))] = draw(
                 st.lists(st.integers(-3, 5000) | ODD_INTS, max_size=4) | st.integers(-3, 5000) | ODD_INTS)
         elif what == 5:  # a tensor descriptor lying about dtype, shape or strides
             desc = draw(DESCS)

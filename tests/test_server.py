@@ -243,6 +243,21 @@ def test_a_grown_out_tensor_counts_against_the_session(raw):
     assert raw.request({"t": "mem"})["allocated"] == before
 
 
+def test_frees_by_runs(raw):
+    """An inference's dead tensors ride on the next message as (first, count) runs."""
+    before = raw.request({"t": "mem"})["allocated"]
+    for h in range(1, 9):
+        put(raw, h, torch.ones(1000))
+    raw.request({"t": "free", "fr": [8], "frr": [2, 3, 6, 1]})  # frees 2, 3, 4, 6 and 8
+    assert raw.request({"t": "mem"})["allocated"] - before == 3 * 4000
+    assert get(raw, 5).sum() == 1000
+    for bad in ([2], [2, 0], [1, "3"], "1,2", [0, 2**21], [0, 2**19, 2**19, 2**19 + 1]):
+        r = raw.request({"t": "free", "frr": bad})
+        assert r["t"] == "err" and r["kind"] == "bad_request" and "frr" in r["msg"], (bad, r)
+    assert raw.request({"t": "mem"})["allocated"] - before == 3 * 4000  # a refused message frees nothing
+    good_request_works(raw, 20)
+
+
 def test_a_clocked_message_measures_the_link_without_the_servers_time(remote):
     """lop's planner measures the link with real traffic: the server stamps a marked message
     on arrival and its next reply says how long it held it, so the robot's sample is the

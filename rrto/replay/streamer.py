@@ -127,4 +127,29 @@ class EagerStreamer:
                     fr.append(pop())
             except IndexError:
                 pass
-            header["fr"] = fr
+            singles, runs = _as_runs(fr)
+            if singles:
+                header["fr"] = singles
+            if runs:
+                header["frr"] = runs
+
+
+def _as_runs(handles: list) -> tuple[list, list]:
+    """Frees as single handles and a flat list of (first, count) runs.
+
+    An inference's dead intermediates are mostly consecutive handles: as runs, a keypoint
+    net's ~330 frees take 20 bytes of the next upload instead of 6 kB."""
+    handles.sort()
+    singles: list = []
+    runs: list = []
+    i, n = 0, len(handles)
+    while i < n:
+        j = i + 1
+        while j < n and handles[j] == handles[j - 1] + 1:
+            j += 1
+        if j - i >= 3:
+            runs += (handles[i], j - i)
+        else:
+            singles += handles[i:j]
+        i = j
+    return singles, runs
