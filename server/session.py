@@ -442,15 +442,26 @@ class Session:
         """
         shape, stride, dtype = meta.shape, meta.stride, meta.dtype
         if t.dtype != dtype or tuple(t.shape) != shape:
-            return (f"{info.op.name()} produced a {list(t.shape)} {t.dtype} tensor here where its meta kernel "
+            key = (info.op.name(), tuple(t.shape), t.dtype, shape, dtype)  # every run of a program step
+            reason = _REASONS.get(key)
+            if reason is None:
+                reason = _REASONS[key] = (
+                    f"{key[0]} produced a {list(t.shape)} {t.dtype} tensor here where its meta kernel "
                     f"promised {list(shape)} {dtype}, so rrto cannot use this output")
+            return reason
         if t.stride() == stride or t.numel() <= 1:
             return t
+        if all(n == 1 or a == b for n, a, b in zip(shape, t.stride(), stride)):
+            # Only the strides of length-1 dims differ: they address nothing, so the same memory
+            # takes the promised strides. (A copy here cost the keypoint net two: the input's
+            # and the first convolution's, whose kernel read the stray stride as channels-last.)
+            return t.as_strided(shape, stride, t.storage_offset())
         storages = {x.untyped_storage()._cdata for x in flat_tensors([args, list(kwargs.values())], [])}
         if t.untyped_storage()._cdata in storages:  # a view or in-place result: a copy would break it
             raise OpError(f"{info.op.name()} returned a view whose layout differs from its meta kernel's")
         out = torch.empty_strided(shape, stride, dtype=dtype, device=t.device)
-        out.untyped_storage().fill_(0)
+        if not _dense(shape, stride):  # else the copy writes every byte
+            out.untyped_storage().fill_(0)
         out.copy_(t)
         return out
 
@@ -536,6 +547,19 @@ class Session:
             if entry[1] == 0:
                 del self._storages[key]
                 self.live_bytes -= entry[0]
+
+
+def _dense(shape: tuple, stride: tuple) -> bool:
+    """True if a layout covers its memory exactly once (a permutation of a contiguous one)."""
+    expected = 1
+    for n, st in sorted([(n, st) for n, st in zip(shape, stride) if n != 1], key=lambda d: d[1]):
+        if st != expected:
+            return False
+        expected *= n
+    return True
+
+
+_REASONS: dict = {}  # why an output is unusable, formatted once per kind of disagreement
 
 
 def _frees(header: dict) -> list:
