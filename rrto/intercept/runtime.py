@@ -786,14 +786,20 @@ def _pattern(tpl, out: list) -> tuple:
     return tuple(out)
 
 
+_PLAIN = frozenset({int, float, bool, type(None), str, torch.dtype, torch.device, torch.memory_format,
+                    torch.layout})
+
+
 def _sig(x, tensors: list):
     """Hashable signature of op arguments; collects their tensors in order."""
     t = type(x)
     if t is RemoteTensor:
         tensors.append(x)
         return x._meta
-    if t is tuple or t is list:
-        return tuple([_sig(y, tensors) for y in x])
+    if t in _PLAIN:
+        return x
+    if t is tuple or t is list:  # (the scalars of a stride or padding list without a call each)
+        return tuple([y if type(y) in _PLAIN else _sig(y, tensors) for y in x])
     if t is dict:
         return tuple([(k, _sig(v, tensors)) for k, v in x.items()])
     if isinstance(x, torch.Tensor):
