@@ -405,3 +405,15 @@ def test_batch_norm_in_training_and_mixed_devices_take_torchs_path(remote):
     assert torch.allclose(bn.running_mean.cpu(), ref.running_mean) and bn.num_batches_tracked.item() == 1
     with pytest.raises(RuntimeError, match="same device|cuda"):
         torch.nn.functional.batch_norm(x.cuda(), torch.zeros(3), torch.ones(3))
+
+
+def test_convolution_by_keyword_and_bad_calls_keep_torchs_behaviour(remote):
+    torch.manual_seed(5)
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    with torch.no_grad():
+        out = torch.conv2d(input=x.cuda(), weight=w.cuda(), padding=1)
+        assert torch.equal(out.cpu(), torch.conv2d(x, w, padding=1))
+        with pytest.raises(TypeError):
+            torch.conv2d(x.cuda(), w.cuda(), padding_mode="zeros")  # not an argument of torch.conv2d
+        with pytest.raises(RuntimeError):
+            torch.conv2d(x.cuda(), w)  # weight on the CPU: torch's own device error

@@ -23,9 +23,9 @@ def _needs_autograd(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-                eps=1e-5):
-    if training or type(input) is not RemoteTensor or type(running_mean) is not RemoteTensor \
+def _batch_norm(input=None, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
+                eps=1e-5, *extra, **unknown):
+    if extra or unknown or training or type(input) is not RemoteTensor or type(running_mean) is not RemoteTensor \
             or type(running_var) is not RemoteTensor or not eps >= 0.0 or input.dim() < 2:
         return NotImplemented
     c = input.shape[1]
@@ -50,9 +50,9 @@ def _spatial(v, n: int) -> list | None:
 
 
 def _conv(n: int):
-    def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        if type(input) is not RemoteTensor or type(weight) is not RemoteTensor or input.dim() != n + 2 \
-                or type(groups) is not int or input.dtype.is_complex:
+    def conv(input=None, weight=None, bias=None, stride=1, padding=0, dilation=1, groups=1, *extra, **unknown):
+        if extra or unknown or type(input) is not RemoteTensor or type(weight) is not RemoteTensor \
+                or input.dim() != n + 2 or type(groups) is not int or input.dtype.is_complex:
             return NotImplemented
         if bias is not None and (type(bias) is not RemoteTensor or bias.dtype != input.dtype):
             return NotImplemented
