@@ -402,3 +402,25 @@ def test_what_inferences_measured_calibrates_the_live_planners_profile():
     planner.observe([], None, (tiny, 100 * p.band_time(2, 0, 1, True)))
     planner._apply(p)
     assert p.robot_scale == pytest.approx(3.0, rel=0.01)
+
+
+def test_link_samples_too_short_to_time_leave_the_probed_rate_alone():
+    from rrto.lop.planning import MIN_TRANSFER_S, TRACK, LossPlanner
+
+    planner = LossPlanner({}, probe=lambda n: 0.004 + n / 10e6, server_speedup=2.0)  # 10 MB/s, 4 ms
+    planner.prepare()
+    probed = planner.link.link()
+    assert probed.bandwidth == pytest.approx(10e6, rel=0.05) and probed.rtt == pytest.approx(0.004, rel=0.05)
+    p = resnet18_like(speed=SLOW)
+    rtt = probed.rtt
+    # a band plan's small first message, answered within the round trip plus timing noise
+    planner.observe([(20_000, rtt + MIN_TRANSFER_S / 2)] * TRACK * 2, None, None)
+    planner._apply(p)
+    assert planner.reference_rate is None and planner.measured_link() == probed
+    # samples that took real time on the wire track the link: at half the reference rate...
+    planner.observe([(90_000, rtt + 90_000 / 10e6)] * TRACK, None, None)
+    planner._apply(p)
+    assert planner.reference_rate == pytest.approx(10e6, rel=0.05)
+    planner.observe([(90_000, rtt + 90_000 / 5e6)] * TRACK, None, None)
+    planner._apply(p)
+    assert planner.measured_link().bandwidth == pytest.approx(probed.bandwidth / 2, rel=0.05)

@@ -22,7 +22,10 @@ only queues), and applied by a watcher thread once a second:
                 gap meet the same burst allowance of a shaper or radio, so their rate reads
                 high (93 Mbit/s tbf, 32 KB burst: 90 KB inferences fit at 120-200 Mbit/s).
                 The probes give the rate; the bandwidth planned for is the probed one times
-                the inferences' rate now over their rate when the plan in force began;
+                the inferences' rate now over their rate when the plan in force began.
+                A sample whose transfer is under a millisecond beyond the round trip is
+                dropped: a band plan's first message is a small slice, and dividing its
+                bytes by timing noise read a 73 Mbit/s link as 340-690 Mbit/s;
   robot walk    from the input's upload to the first wait: the robot matching the app's
                 calls against the program (``Profile.robot_walk_s``);
   robot speed   the robot's bands as they ran, against their modelled time: a burst-profiled
@@ -64,6 +67,7 @@ REPLAN_S = 5.0  # at most one search for model drift this often (a bin change se
 DRIFT = 0.15  # the plan in force modelled this much off what it was chosen at: search again
 EMA = 0.3
 TRACK = 8  # inference link samples per median (the reference one and the current one)
+MIN_TRANSFER_S = 1e-3  # a link sample whose transfer took less than this beyond the RTT is timing noise
 SUBSTANTIAL_S = 2e-3  # robot bands modelled shorter than this say more about fixed costs than speed
 
 
@@ -161,7 +165,9 @@ class LossPlanner:
         while self._observed:
             transfers, w, bands = self._observed.popleft()
             for nbytes, seconds in transfers:
-                self._rates.append(nbytes / max(seconds - self.link.rtt, 1e-4))
+                if seconds - self.link.rtt < MIN_TRANSFER_S:
+                    continue  # (a band plan's small first message, or a burst: nothing to divide by)
+                self._rates.append(nbytes / (seconds - self.link.rtt))
                 if self._reference is None and len(self._rates) == TRACK:
                     self._reference = float(np.median(self._rates))
             if w is not None:
