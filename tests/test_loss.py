@@ -415,6 +415,8 @@ def test_link_samples_too_short_to_time_leave_the_probed_rate_alone():
     rtt = probed.rtt
     # a band plan's small first message, answered within the round trip plus timing noise
     planner.observe([(20_000, rtt + MIN_TRANSFER_S / 2)] * TRACK * 2, None, None)
+    planner.observe([(30_000, rtt + 0.01)] * TRACK, None, None)  # small: mostly a shaper's burst allowance
+    planner.observe([(90_000, rtt + MIN_TRANSFER_S / 2)] * TRACK, None, None)  # no time to divide by
     planner._apply(p)
     assert planner.reference_rate is None and planner.measured_link() == probed
     # samples that took real time on the wire track the link: at half the reference rate...
@@ -424,3 +426,14 @@ def test_link_samples_too_short_to_time_leave_the_probed_rate_alone():
     planner.observe([(90_000, rtt + 90_000 / 5e6)] * TRACK, None, None)
     planner._apply(p)
     assert planner.measured_link().bandwidth == pytest.approx(probed.bandwidth / 2, rel=0.05)
+
+
+def test_one_throttled_walk_does_not_move_the_live_profile():
+    from rrto.lop.planning import LossPlanner
+
+    p = resnet18_like(speed=SLOW)
+    planner = LossPlanner({}, probe=lambda n: 1e-3, server_speedup=2.0)
+    for w in [0.010] * 6 + [0.160] + [0.011]:  # one walk stalled by the CPU quota while planning ran
+        planner.observe([], w, None)
+    planner._apply(p)
+    assert p.robot_walk_s == pytest.approx(0.0105, abs=6e-4)

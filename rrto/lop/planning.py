@@ -23,11 +23,13 @@ only queues), and applied by a watcher thread once a second:
                 high (93 Mbit/s tbf, 32 KB burst: 90 KB inferences fit at 120-200 Mbit/s).
                 The probes give the rate; the bandwidth planned for is the probed one times
                 the inferences' rate now over their rate when the plan in force began.
-                A sample whose transfer is under a millisecond beyond the round trip is
-                dropped: a band plan's first message is a small slice, and dividing its
-                bytes by timing noise read a 73 Mbit/s link as 340-690 Mbit/s;
+                A sample under 48 KB, or whose transfer is under a millisecond beyond the
+                round trip, is dropped: a band plan's first message is a slice of the
+                input, mostly burst, and dividing its bytes by timing noise read a 73
+                Mbit/s link as 340-690 Mbit/s;
   robot walk    from the input's upload to the first wait: the robot matching the app's
-                calls against the program (``Profile.robot_walk_s``);
+                calls against the program (``Profile.robot_walk_s``), median of the last 8
+                (a walk throttled by the robot's CPU quota while planning ran read 160 ms);
   robot speed   the robot's bands as they ran, against their modelled time: a burst-profiled
                 chain under a CPU quota runs slower every frame (``Profile.robot_scale``).
 Plans are kept per bandwidth bin (``loss.Planner``'s bins). The watcher plans again when the
@@ -68,6 +70,7 @@ DRIFT = 0.15  # the plan in force modelled this much off what it was chosen at: 
 EMA = 0.3
 TRACK = 8  # inference link samples per median (the reference one and the current one)
 MIN_TRANSFER_S = 1e-3  # a link sample whose transfer took less than this beyond the RTT is timing noise
+MIN_SAMPLE_BYTES = 48 << 10  # and one this small rides mostly on a shaper's or radio's burst allowance
 SUBSTANTIAL_S = 2e-3  # robot bands modelled shorter than this say more about fixed costs than speed
 
 
@@ -117,6 +120,7 @@ class LossPlanner:
         self._measured_ready = threading.Event()
         self._observed: deque = deque(maxlen=256)  # (link samples, walk s, robot bands) per inference
         self._rates: deque = deque(maxlen=TRACK)  # bytes/s of the last inferences' link samples
+        self._walks: deque = deque(maxlen=TRACK)  # seconds of the last inferences' walks
         self._reference: float | None = None  # their median when the plan in force began
         self._bins = Planner.bin_of  # the bandwidth bins plans are kept for
         self._generation = 0  # one per planned program: an older program's watcher stops
@@ -165,13 +169,14 @@ class LossPlanner:
         while self._observed:
             transfers, w, bands = self._observed.popleft()
             for nbytes, seconds in transfers:
-                if seconds - self.link.rtt < MIN_TRANSFER_S:
-                    continue  # (a band plan's small first message, or a burst: nothing to divide by)
+                if nbytes < MIN_SAMPLE_BYTES or seconds - self.link.rtt < MIN_TRANSFER_S:
+                    continue  # (a band plan's first slice, mostly a shaper's burst: timing noise)
                 self._rates.append(nbytes / (seconds - self.link.rtt))
                 if self._reference is None and len(self._rates) == TRACK:
                     self._reference = float(np.median(self._rates))
             if w is not None:
-                walk = w if not walk else (1 - EMA) * walk + EMA * w
+                self._walks.append(w)
+                walk = float(np.median(self._walks))  # (one walk throttled by the CPU quota moves no plan)
             if bands is not None:
                 plan, seconds = bands
                 try:
