@@ -445,6 +445,8 @@ class Session:
             key = (info.op.name(), tuple(t.shape), t.dtype, shape, dtype)  # every run of a program step
             reason = _REASONS.get(key)
             if reason is None:
+                if len(_REASONS) >= 1024:  # (shapes are the robots' to choose: the cache stays small)
+                    _REASONS.clear()
                 reason = _REASONS[key] = (
                     f"{key[0]} produced a {list(t.shape)} {t.dtype} tensor here where its meta kernel "
                     f"promised {list(shape)} {dtype}, so rrto cannot use this output")

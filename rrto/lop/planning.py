@@ -26,7 +26,7 @@ only queues), and applied by a watcher thread once a second:
                 A sample whose transfer is under a millisecond beyond the round trip is
                 dropped: a band plan's first message is a slice of the input, mostly burst,
                 and dividing its bytes by timing noise read a 73 Mbit/s link as 340-690
-                Mbit/s. (Slices just over a 32 KB burst still read 1.5-5x high: known.)
+                Mbit/s. (Slices just over a 32 KB burst still read up to 3x high: known.)
   robot walk    from the input's upload to the first wait: the robot matching the app's
                 calls against the program (``Profile.robot_walk_s``), median of the last 8
                 (a walk throttled by the robot's CPU quota while planning ran read 160 ms);
@@ -132,6 +132,7 @@ class LossPlanner:
         for n in (0, PROBE_BYTES, 0, PROBE_BYTES, 0, PROBE_BYTES):
             self.link.add(n + 200, self.probe(n))
         self._rates.clear()
+        self._walks.clear()  # (another program's walk)
         self._reference = None
         self._pid, self._uploads, self._measured = getattr(program, "pid", None), 0, None
         self._measured_ready.clear()
