@@ -462,7 +462,7 @@ class Session:
         if t.untyped_storage()._cdata in storages:  # a view or in-place result: a copy would break it
             raise OpError(f"{info.op.name()} returned a view whose layout differs from its meta kernel's")
         out = torch.empty_strided(shape, stride, dtype=dtype, device=t.device)
-        if not _dense(shape, stride):  # else the copy writes every byte
+        if not codec.is_dense(shape, stride):  # else the copy writes every byte
             out.untyped_storage().fill_(0)
         out.copy_(t)
         return out
@@ -549,16 +549,6 @@ class Session:
             if entry[1] == 0:
                 del self._storages[key]
                 self.live_bytes -= entry[0]
-
-
-def _dense(shape: tuple, stride: tuple) -> bool:
-    """True if a layout covers its memory exactly once (a permutation of a contiguous one)."""
-    expected = 1
-    for n, st in sorted([(n, st) for n, st in zip(shape, stride) if n != 1], key=lambda d: d[1]):
-        if st != expected:
-            return False
-        expected *= n
-    return True
 
 
 _REASONS: dict = {}  # why an output is unusable, formatted once per kind of disagreement
