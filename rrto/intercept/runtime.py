@@ -338,14 +338,14 @@ class Runtime:
         if rep is not None and rep.program is not None:
             step = rep.match(PUT, key, [], (True,))
         h = rep.base + step.out_offsets[0] if step is not None else next(self._handles)
-        first = step is not None and step is rep.program.steps[0]  # an inference's input
+        # an inference's input, measured for lop's planner (its round trip, the walk after it)
+        first = self.lop is not None and step is not None and step is rep.program.steps[0]
         try:
             if first:
-                self.link.clock_next()  # its round trip measures the link (lop's planner)
-                if self.lop is not None:
-                    self.lop.observe(self.link.transfers, self._walk)
+                self.link.clock_next()
+                self.lop.observe(self.link.transfers, self._walk)
                 self._walk = None
-            if first and self.lop is not None and self.lop.upload(src, rep.base, self.streamer, rep):
+            if first and self.lop.upload(src, rep.base, self.streamer, rep):
                 pass  # sent as bands
             else:
                 self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking), cache=weight)
