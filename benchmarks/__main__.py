@@ -66,6 +66,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="where rrto-server and the direct server run ops (default: cuda if present)")
     p.add_argument("--server-threads", type=int, metavar="N",
                    help="torch threads of the servers (default: the cores the robot's quota leaves, at least 1)")
+    p.add_argument("--shared-cores", action="store_true",
+                   help="let robot and servers run on any core; by default the robot gets its own core(s) and the "
+                        "servers the others, as two machines would")
     p.add_argument("--emulation", default="auto", choices=["auto", "netns", "userspace"],
                    help="link emulation: namespaces + tbf (root), the userspace relay, or auto (default)")
     p.add_argument("--power", default="", metavar="STATE=W,...",
@@ -88,7 +91,8 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     return Settings(workloads=[parse_workload(m) for m in _list(pick("models"))],
                     links=[parse_link(x) for x in _list(pick("links"))], modes=modes, out=Path(ns.out),
                     frames=frames, warmup=warmup, repeats=repeats, robot_cpu=ns.robot_cpu or None,
-                    server_device=ns.server_device, server_threads=ns.server_threads, emulation=ns.emulation, power=PowerModel.parse(ns.power),
+                    server_device=ns.server_device, server_threads=ns.server_threads, emulation=ns.emulation,
+                    separate_cores=not ns.shared_cores, power=PowerModel.parse(ns.power),
                     run_timeout=ns.run_timeout)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .energy import PowerModel, robot_energy_j
 from .links import LinkSpec, make_network, start_ready, stop
-from .robot import CpuLimit
+from .robot import CoreSplit, CpuLimit
 from .workloads import ROOT, Workload
 
 MODE_ORDER = ("local", "rpc", "eager", "replay-confirmed", "replay", "direct", "partition", "lop")
@@ -54,6 +54,7 @@ class Settings:
     server_device: str = "auto"
     server_threads: int | None = None  # torch threads of the servers; None: the cores the robot leaves
     emulation: str = "auto"  # auto, netns or userspace
+    separate_cores: bool = True  # robot and servers pinned to disjoint cores (CoreSplit)
     power: PowerModel = field(default_factory=PowerModel)
     run_timeout: float = 900.0
     check_bytes: int = 4_000_000
@@ -152,16 +153,19 @@ def _run(s: Settings, cleanup: Cleanup) -> dict:
         print(f"benchmarks: link emulation: userspace relay ({net.reason})", file=sys.stderr)
     cpu = CpuLimit(s.robot_cpu, prefix)
     cleanup.add(cpu.close)
+    cores = CoreSplit(s.robot_cpu, s.separate_cores)
     server_log = open(s.out / "logs" / "servers.log", "w")
     cleanup.add(server_log.close)
     py = sys.executable
     # Robot and server share this machine's cores: more server threads than the cores the robot leaves
     # free makes OpenMP spin against the robot, and a stream of small ops (eager, rpc) then takes seconds.
-    server_threads = s.server_threads or max(1, (os.cpu_count() or 1) - math.ceil(s.robot_cpu or 0))
+    server_threads = s.server_threads or (len(cores.server) if cores.server else
+                                          max(1, (os.cpu_count() or 1) - math.ceil(s.robot_cpu or 0)))
     server_env = {**os.environ, "OMP_NUM_THREADS": str(server_threads)}
 
     def start_server(cmd: list[str], pattern: str):
-        proc, (m,) = start_ready(net.server_cmd(cmd), pattern, stderr=server_log, env=server_env)
+        proc, (m,) = start_ready(net.server_cmd(cmd), pattern, stderr=server_log, env=server_env,
+                                 preexec_fn=cores.pin("server"))
         cleanup.add(lambda: stop(proc))
         return proc, m
 
@@ -213,7 +217,7 @@ def _run(s: Settings, cleanup: Cleanup) -> dict:
                 robot_targets = net.apply(link, targets)
                 current_link = link
             target = robot_targets.get("rrto" if mode != "direct" else f"direct {w.name}")
-            run = run_once(s, net, cpu, mode, w, target, s.out / "runs" / f"{i:03d}-{mode}-{_slug(w.name)}-{_slug(link.name)}")
+            run = run_once(s, net, cpu, cores, mode, w, target, s.out / "runs" / f"{i:03d}-{mode}-{_slug(w.name)}-{_slug(link.name)}")
             key = (mode, w.name, None if mode == "local" else link.name)
             runs.setdefault(key, []).append(run)
             if run.unavailable:
@@ -232,7 +236,7 @@ def _run(s: Settings, cleanup: Cleanup) -> dict:
         "link_emulation": net.label if net.kind == "netns" else f"userspace relay ({net.reason})",
         "link_emulation_kind": net.kind,
         "namespaces": [net.robot_ns, net.server_ns] if net.kind == "netns" else [],
-        "robot": cpu.describe(),
+        "robot": {**cpu.describe(), **cores.describe()},
         "settings": {"frames": s.frames, "warmup": s.warmup, "repeats": s.repeats, "server_device": s.server_device,
                      "models": [w.name for w in s.workloads], "modes": s.modes},
         "power_model": s.power.as_dict(),
@@ -271,7 +275,7 @@ def self_check(net, link: LinkSpec, sink: tuple[str, int], nbytes: int) -> dict:
     return out
 
 
-def run_once(s: Settings, net, cpu: CpuLimit, mode: str, w: Workload, target, folder: Path) -> Run:
+def run_once(s: Settings, net, cpu: CpuLimit, cores: CoreSplit, mode: str, w: Workload, target, folder: Path) -> Run:
     folder.mkdir(parents=True, exist_ok=True)
     timings, stats, errors = folder / "timings.json", folder / "stats.json", folder / "stderr.txt"
     n = s.warmup + s.frames + (PLANNING_FRAMES if mode in PLANNED else 0)
@@ -290,7 +294,7 @@ def run_once(s: Settings, net, cpu: CpuLimit, mode: str, w: Workload, target, fo
     env["OMP_NUM_THREADS"] = str(cpu.threads)
     with open(errors, "w") as err:
         proc = subprocess.Popen(cpu.wrap(net.robot_cmd(cmd)), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=err, text=True)
+                                stdout=subprocess.PIPE, stderr=err, text=True, preexec_fn=cores.pin("robot"))
 
         def watch():  # the trace starts over when the first frame is done, so every mode meets the same link
             restarted = False

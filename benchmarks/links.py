@@ -110,10 +110,10 @@ def trace_stats(path: str) -> dict:
 # -- processes on either side ----------------------------------------------------------------
 
 def start_ready(cmd: list[str], pattern: str, count: int = 1, timeout: float = 120.0,
-                stderr=None, env: dict | None = None) -> tuple[subprocess.Popen, list]:
+                stderr=None, env: dict | None = None, preexec_fn=None) -> tuple[subprocess.Popen, list]:
     """Start ``cmd`` and wait for ``count`` stdout lines matching ``pattern``; returns their matches."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, env=env,
-                            text=True)
+                            text=True, preexec_fn=preexec_fn)
     found: list = []
 
     def read():

@@ -72,6 +72,31 @@ class CpuLimit:
         self.path = None
 
 
+class CoreSplit:
+    """Robot and servers on disjoint cores, as if they were two machines sharing this one.
+
+    With shared cores a robot that works while the server computes (replay walking its recording,
+    lop computing its bands) steals the server's core, while ``direct``'s idle robot steals nothing:
+    the comparison would measure this host, not the modes. ``robot`` gets the first
+    ceil(share) cores, the servers the rest; with too few cores nothing is pinned."""
+
+    def __init__(self, share: float | None, enabled: bool = True, cores: list[int] | None = None):
+        cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
+        need = max(1, math.ceil(share or 0))
+        self.robot: list[int] | None = None
+        self.server: list[int] | None = None
+        if enabled and share and len(cores) > need:
+            self.robot, self.server = cores[:need], cores[need:]
+
+    def pin(self, which: str):
+        """A ``preexec_fn`` putting a child on ``which`` ("robot" or "server") cores (None: not pinned)."""
+        cores = self.robot if which == "robot" else self.server
+        return None if cores is None else (lambda: os.sched_setaffinity(0, cores))
+
+    def describe(self) -> dict:
+        return {"robot_cores": self.robot, "server_cores": self.server}
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text()

@@ -15,6 +15,7 @@ from benchmarks.links import NetnsNetwork, parse_link, start_ready, stop
 from benchmarks.netcheck import Sink, probe
 from benchmarks.relay import Relay, Shaper
 from benchmarks.report import timeline_plot
+from benchmarks.robot import CoreSplit
 
 from .conftest import ROOT, run_rrto
 
@@ -113,6 +114,21 @@ def test_timeline_plot_draws_given_events(tmp_path):
         {"lane": "server compute", "start": 0.006, "end": 0.009, "label": "bands 1-3"}]}]}
     timeline_plot(results, tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes().startswith(PNG)
+
+
+def test_robot_and_servers_get_disjoint_cores_when_there_are_enough():
+    assert CoreSplit(1.0, cores=[0, 1]).describe() == {"robot_cores": [0], "server_cores": [1]}
+    assert CoreSplit(0.5, cores=[2, 3, 5]).describe() == {"robot_cores": [2], "server_cores": [3, 5]}
+    assert CoreSplit(1.5, cores=[0, 1, 2, 3]).describe() == {"robot_cores": [0, 1], "server_cores": [2, 3]}
+    for split in (CoreSplit(1.0, cores=[0]), CoreSplit(2.0, cores=[0, 1]), CoreSplit(None, cores=[0, 1]),
+                  CoreSplit(1.0, enabled=False, cores=[0, 1])):
+        assert split.describe() == {"robot_cores": None, "server_cores": None} and split.pin("robot") is None
+    split = CoreSplit(1.0)  # this machine's cores: a child pinned to the servers' gets just those
+    if split.server:
+        for which, cores in (("robot", split.robot), ("server", split.server)):
+            res = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                                 capture_output=True, text=True, preexec_fn=split.pin(which))
+            assert res.stdout.strip() == str(cores), (which, res)
 
 
 def test_quick_benchmark_writes_sane_results(tmp_path):
