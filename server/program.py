@@ -47,7 +47,7 @@ class ProgramStep:
     """An op step (``kind`` "op"), a data-dependent op ("shaped": outputs named ``base + ob + i``)
     or a download ("get": its tensor is ``args[0]``)."""
     __slots__ = ("kind", "info", "args", "kwargs", "fills", "outs", "last_of", "writes", "ob", "inputs",
-                 "layouts", "metas", "generation", "from_steps", "from_slots", "writes_fixed")
+                 "layouts", "metas", "generation", "from_steps", "from_slots", "writes_fixed", "static", "epoch")
 
     def __init__(self, kind: str, info: OpInfo | None, args: list, kwargs: dict, outs: list,
                  writes: tuple = (), ob: int = 0):
@@ -65,6 +65,8 @@ class ProgramStep:
         self.layouts = None  # their layouts when ``metas`` was checked, and the session's generation then
         self.generation = -1
         self.metas = None
+        self.static = False  # its inputs' layouts follow from the iteration's slots (Program.decode)
+        self.epoch = -1  # the Program.epoch its metas were asked in
         # writes a tensor that outlives the iteration (its layout too, if an out= argument)
         self.writes_fixed = any(isinstance(v, torch.Tensor) for v in _places(args, kwargs, writes))
 
@@ -97,12 +99,26 @@ class ProgramStep:
 
 
 class Program:
-    def __init__(self, pid: int, steps: list, kinds: list, persistent: set):
+    def __init__(self, pid: int, steps: list, kinds: list, persistent: set, puts: tuple = ()):
         self.pid, self.steps, self.kinds, self.persistent = pid, steps, kinds, persistent
+        self.puts = puts  # (step, offset) of each upload the robot declared, in step order
         # per step, the fastest it ran here (lop's planner asks: its server step times are measured)
         self.seconds = [0.0] * len(steps)
         self.timed_runs = 0  # runs that reached its last op step
         self.last_op = max((i for i, st in enumerate(steps) if st is not None and st.kind == "op"), default=-1)
+        # A static step's inputs are tensors from outside the iteration, fixed tensors and outputs of
+        # static steps. Outputs are made to the layouts their meta kernels promise, so while the slots'
+        # layouts and the fixed tensors' are those of the last run (one epoch), a static step's metas
+        # are still those of the last run: asking again is ~1/10 of a replay's server time on a CPU.
+        # An output of a data-dependent op ("shaped") is not static, nor anything computed from it.
+        made: set = {o for _, o in puts}
+        for st in steps:
+            if st is not None and st.kind == "op":
+                st.static = all(f.n in made for _, _, f in st.fills if f.kind == "s")
+                if st.static:
+                    made.update(o for o in st.outs if o is not None)
+        self.epoch = 0
+        self.epoch_key: tuple | None = None
 
     @classmethod
     def decode(cls, header: dict, frames: list, session) -> "Program":
@@ -117,6 +133,7 @@ class Program:
         persistent: set = set()
         steps: list = []
         kinds: list = []
+        puts: list = []
         for i, spec in enumerate(specs):
             if not isinstance(spec, dict):
                 raise OpError(f"program step {i} is not an object")
@@ -129,6 +146,12 @@ class Program:
             elif kind == "get" and "a" in spec:
                 steps.append(_decode_get(i, spec, session, persistent))
             else:
+                if kind == "put":
+                    offsets = spec.get("o", [])
+                    if type(offsets) is not list or len(offsets) > 64 or \
+                            not all(type(o) is int and 0 <= o < ITERATION_HANDLES for o in offsets):
+                        raise OpError(f"program step {i}: bad upload offsets")
+                    puts.extend((i, o) for o in offsets)
                 steps.append(None)  # a hole: it arrives as a message of its own (and stops a run ahead)
         last: dict[int, int] = {}
         for i, st in enumerate(steps):
@@ -138,7 +161,27 @@ class Program:
                         last[f.n] = i
         for off, i in last.items():
             steps[i].last_of.append(off)
-        return cls(pid, steps, kinds, persistent)
+        return cls(pid, steps, kinds, persistent, tuple(puts))
+
+    def _epoch(self, session, base: int, b: int, slots: dict) -> int:
+        """A new epoch when the layout of a tensor from outside the iteration (a slot, an upload
+        before step ``b``) or of a fixed tensor (the session's generation) changed."""
+        handles = session.handles
+        key = (session.layout_generation,
+               *[(n, _layout(handles[h]) if h in handles else None) for n, h in sorted(slots.items())],
+               *[_layout(handles[base + o]) if base + o in handles else None for i, o in self.puts if i < b])
+        if key != self.epoch_key:
+            self.epoch_key = key
+            self.epoch += 1
+        return self.epoch
+
+    def _metas(self, st: ProgramStep, session, epoch: int) -> list | None:
+        if st.epoch == epoch:
+            return st.metas
+        metas = st.sized(session)
+        if st.static:
+            st.epoch = epoch
+        return metas
 
     def run(self, session, base: int, a: int, b: int, slots: dict, dead: frozenset = frozenset()) -> None:
         """Run steps ``a`` to ``b - 1`` of the iteration whose handles start at ``base``.
@@ -149,6 +192,7 @@ class Program:
         """
         tensor, steps = session.tensor, self.steps
         local: dict[int, Any] = {}
+        epoch = self._epoch(session, base, b, slots)
         try:
             for i in range(a, b):
                 st = steps[i]
@@ -167,10 +211,11 @@ class Program:
                             box[where] = tensor(h)
                     outs = [None if o is None or base + o in dead else base + o for o in st.outs]
                     t0 = clock()
-                    _, made, _ = session.execute_sized(st.info, st.args, st.kwargs, outs, st.sized(session))
+                    _, made, _ = session.execute_sized(st.info, st.args, st.kwargs, outs, self._metas(st, session, epoch))
                     self._timed(i, clock() - t0)
                     if st.writes_fixed:
                         session.layout_generation += 1
+                        epoch = self._epoch(session, base, b, slots)
                     for o, h, t in zip(st.outs, outs, made):
                         if o is not None and h is None and not isinstance(t, str):
                             local[o] = t
@@ -194,6 +239,7 @@ class Program:
         waits = iter(seqs)
         reply = None
         steps, kinds, handles = self.steps, self.kinds, session.handles
+        epoch = self._epoch(session, base, b, slots)  # (no write to a fixed tensor runs ahead: it stays)
         try:
             for i in range(a, b):
                 run.end = i
@@ -208,7 +254,8 @@ class Program:
                         outs = [None if o is None else base + o for o in st.outs]
                         run.made.append((i, outs))
                         t0 = clock()
-                        session.execute_sized(st.info, st.args, st.kwargs, outs, st.sized(session))
+                        session.execute_sized(st.info, st.args, st.kwargs, outs,
+                                              st.metas if st.epoch == epoch else self._metas(st, session, epoch))
                         self._timed(i, clock() - t0)
                     finally:
                         st.unfill()
@@ -232,6 +279,7 @@ class Program:
                         break
                     # a data-dependent op: the robot learns its outputs' shapes from the reply
                     result, made, inputs = session.execute(st.info, st.args, st.kwargs, None, base + st.ob)
+                    epoch = self._epoch(session, base, b, slots)  # (were it an op that writes a fixed tensor)
                     run.made.append((i, [base + st.ob + j for j in range(len(made))]))
                     reply = session.named_outputs_reply(result, made, inputs)
                     reply["q"] = next(waits)

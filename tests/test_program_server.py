@@ -74,11 +74,17 @@ def refused_over_the_limit(raw, base: int) -> None:
     assert raw.request({"t": "sync"}).get("t") != "err"
 
 
-def test_a_step_is_size_checked_again_when_its_inputs_change_layout(tight):
+# the same program with its upload's offset declared: its steps may reuse their sizes while the upload's
+# layout stays (Program.epoch); undeclared, each step compares its own inputs' layouts each run
+DECLARED = {**PROGRAM, "steps": [{"t": "put", "o": [0]}, *PROGRAM["steps"][1:]]}
+
+
+@pytest.mark.parametrize("program", [PROGRAM, DECLARED], ids=["undeclared", "declared"])
+def test_a_step_is_size_checked_again_when_its_inputs_change_layout(tight, program):
     """Steps keep their output sizes between runs; an upload of another shape must not reuse them."""
     w = torch.randn(5, 3)
     put(tight, 7, w)
-    register(tight)
+    register(tight, program)
     for i, n in enumerate((2, 2, 7)):  # the same layout twice, then another: results of their own shape
         x, base = torch.randn(n, 3), BASE + 100 * i
         put(tight, base, x)
@@ -136,6 +142,9 @@ def test_registration_is_validated(raw):
         ({"p": 1, "steps": []}, "1 to"),
         ({"p": "1", "steps": [{"t": "put"}]}, "integer id"),
         ({"p": 1, "steps": [{"t": "put"}], "in": [{"dt": "float32", "sh": [2]}]}, "constants"),
+        ({"p": 1, "steps": [{"t": "put", "o": [-1]}]}, "upload offsets"),
+        ({"p": 1, "steps": [{"t": "put", "o": 0}]}, "upload offsets"),
+        ({"p": 1, "steps": [{"t": "put", "o": [0] * 65}]}, "upload offsets"),
     ]
     for program, what in bad:
         r = register(raw, program)
@@ -227,6 +236,29 @@ def test_a_run_ahead_answers_every_wait_unasked(raw):
         assert torch.equal(codec.frame_tensor(r1["d"], f1[0], 1 << 30), y)
         assert torch.equal(codec.frame_tensor(r2["d"], f2[0], 1 << 30), -y)
         assert raw.request({"t": "sync", **cf}).get("t") != "err"
+
+
+def test_a_run_ahead_sizes_its_steps_again_when_the_upload_changes_layout(raw):
+    """Runs ahead of one upload layout reuse their steps' sizes; another layout, even one with
+    the same number of elements, gets results of its own shape (and the sizes of the old again after)."""
+    from rrto import codec
+    w = torch.randn(5, 3)
+    put(raw, 7, w)
+    declared = {**AHEAD, "steps": [{"t": "put", "o": [0]}, *AHEAD["steps"][1:]]}
+    assert register(raw, declared).get("t") != "err"
+    prev = None
+    for i, rows in enumerate((2, 2, 4, 4, 2)):
+        x, base = torch.randn(rows, 3), BASE + 100 * i
+        if rows == 4:
+            x = torch.randn(3, 4).T  # a transposed upload arrives dense: only its shape differs
+        put_ahead(raw, base, x, [4, base, 1, 7, []], [2 * i, 2 * i + 1])
+        (r1, f1), (r2, f2) = answers(raw, 2)
+        y = torch.relu(torch.nn.functional.linear(x, w) + 1)
+        assert torch.equal(codec.frame_tensor(r1["d"], f1[0], 1 << 30), y), (rows, r1)
+        assert torch.equal(codec.frame_tensor(r2["d"], f2[0], 1 << 30), -y)
+        assert raw.request({"t": "sync", "cf": [4, base, 7, []]}).get("t") != "err"
+        prev = base
+    assert torch.equal(get(raw, prev + 3), -torch.relu(torch.nn.functional.linear(x, w) + 1))
 
 
 def test_settling_short_of_a_run_ahead_undoes_what_ran_past(raw):

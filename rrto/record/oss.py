@@ -147,6 +147,8 @@ def _build(log: OpLog, L: int, roles: list) -> Program:
             spec["t"], spec["ob"] = "shaped", outs[0] if outs else n_handles
         elif kind == "get":
             spec = {"t": "get", "a": [_marker(step_roles[0], None, 0)]}
+        elif kind == "put":  # the server checks the layouts of what arrives at these offsets
+            spec = {"t": "put", "o": [o for o in outs if o is not None]}
         key = ev.key
         steps.append(Step(kind, key, erase(key), tuple(step_roles), pattern_of(ev.outs), tuple(outs), name, spec,
                           ev))
