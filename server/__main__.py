@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "long-running server's memory flat under any traffic; a CPU server running big "
                    "convolutions is up to 2x faster with 32, at the cost of heap memory kept after "
                    "hostile traffic (no effect on GPU tensors) (default: %(default)s)")
+    p.add_argument("--no-capture", action="store_true",
+                   help="run replayed programs op by op only; by default a CPU server traces each program's "
+                        "stretches of static steps into one graph call each (same kernels, less Python per op)")
     p.add_argument("--idle-timeout", type=float, default=1800.0,
                    help="close a session silent this many seconds (default: %(default)s)")
     p.add_argument("--keys", metavar="DIR",
@@ -65,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch  # after the cheap checks: importing it takes seconds
 
+    from . import capture
     from .daemon import Daemon
     from .session import Limits
+
+    capture.ENABLED = not args.no_capture
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)

@@ -19,6 +19,7 @@ import zmq
 
 from rrto import codec
 
+from . import capture
 from .auth import CurveAuth
 from .cache import WeightCache
 from .ops import OpTable, SizeCheck, warm_up
@@ -234,7 +235,8 @@ class Daemon:
         live = [s for s in self.closing if s.thread.is_alive()]
         held = [*self.sessions.values(), *live]
         reply = {"t": "stats", "q": q, "sessions": len(self.sessions), "closing": len(live),
-                 "tensor_bytes": sum(s.live_bytes for s in held), "queued_bytes": sum(s.pending_bytes for s in held)}
+                 "tensor_bytes": sum(s.live_bytes for s in held), "queued_bytes": sum(s.pending_bytes for s in held),
+                 "captured_steps": capture.steps_run}
         self.router.send_multipart([identity, *codec.pack(reply)])
 
     def _reply_socket(self) -> zmq.Socket:

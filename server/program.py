@@ -27,6 +27,7 @@ import torch
 
 from rrto import codec
 
+from . import capture
 from .ops import OpError, OpInfo, short_error
 
 MAX_STEPS = 100_000
@@ -119,6 +120,10 @@ class Program:
                     made.update(o for o in st.outs if o is not None)
         self.epoch = 0
         self.epoch_key: tuple | None = None
+        self.seen_epoch, self.seen_runs = -1, 0  # runs ahead in a row in one epoch
+        self.segments: dict = {}  # first step -> capture.Segment, for segments_epoch
+        self.segments_epoch = -1
+        self.planned_epochs = 0
 
     @classmethod
     def decode(cls, header: dict, frames: list, session) -> "Program":
@@ -174,6 +179,35 @@ class Program:
             self.epoch_key = key
             self.epoch += 1
         return self.epoch
+
+    def _segments(self, session, epoch: int) -> dict:
+        """Captured segments for a run ahead, planned on the second run of an epoch (the first
+        sized the steps)."""
+        if epoch != self.seen_epoch:
+            self.seen_epoch, self.seen_runs = epoch, 0
+            return {}
+        self.seen_runs += 1
+        if self.segments_epoch != epoch:
+            if session.device.type != "cpu" or not capture.ENABLED or self.planned_epochs >= capture.MAX_EPOCHS:
+                return {}
+            self.segments, self.segments_epoch = capture.plan(self.steps, epoch), epoch
+            self.planned_epochs += 1
+        return self.segments
+
+    def _run_segment(self, seg, session, base: int, slots: dict, run: "AheadRun") -> bool:
+        """Run a captured segment in place of its steps; False: they run op by op (nothing was bound)."""
+        values = seg.inputs(session.handles, base, slots)
+        if values is None or (seg.graph is None and not seg.trace(values)):
+            return False
+        made = [(j, [None if o is None else base + o for o in self.steps[j].outs]) for j in range(seg.start, seg.end)]
+        run.made.extend(made)  # (before binding: an error half-way leaves its handles to settle)
+        if not seg.run(session, values, base):
+            del run.made[-len(made):]
+            return False
+        run.segments.append((seg.start, seg.end))
+        if seg.start <= self.last_op < seg.end:
+            self.timed_runs += 1
+        return True
 
     def _metas(self, st: ProgramStep, session, epoch: int) -> list | None:
         if st.epoch == epoch:
@@ -240,23 +274,31 @@ class Program:
         reply = None
         steps, kinds, handles = self.steps, self.kinds, session.handles
         epoch = self._epoch(session, base, b, slots)  # (no write to a fixed tensor runs ahead: it stays)
+        segments = self._segments(session, epoch)
+        i = a
         try:
-            for i in range(a, b):
+            while i < b:
                 run.end = i
                 st = steps[i]
                 kind = kinds[i]
+                i += 1
                 if kind == "op":  # the common case first, kept lean: it is most of a replay's server time
+                    seg = segments.get(i - 1) if segments else None
+                    if seg is not None and seg.end <= b and not seg.broken and \
+                            self._run_segment(seg, session, base, slots, run):
+                        i = seg.end
+                        continue
                     if not (st.fill(handles, base, slots) or self._fill(st, session, base, slots)):
                         break
                     try:
                         if st.writes and not run.keep_old_values(st, session):
                             break
                         outs = [None if o is None else base + o for o in st.outs]
-                        run.made.append((i, outs))
+                        run.made.append((i - 1, outs))
                         t0 = clock()
                         session.execute_sized(st.info, st.args, st.kwargs, outs,
                                               st.metas if st.epoch == epoch else self._metas(st, session, epoch))
-                        self._timed(i, clock() - t0)
+                        self._timed(i - 1, clock() - t0)
                     finally:
                         st.unfill()
                     continue
@@ -279,8 +321,9 @@ class Program:
                         break
                     # a data-dependent op: the robot learns its outputs' shapes from the reply
                     result, made, inputs = session.execute(st.info, st.args, st.kwargs, None, base + st.ob)
-                    epoch = self._epoch(session, base, b, slots)  # (were it an op that writes a fixed tensor)
-                    run.made.append((i, [base + st.ob + j for j in range(len(made))]))
+                    if self._epoch(session, base, b, slots) != epoch:  # (were it an op that writes a fixed tensor)
+                        epoch, segments = self.epoch, {}
+                    run.made.append((i - 1, [base + st.ob + j for j in range(len(made))]))
                     reply = session.named_outputs_reply(result, made, inputs)
                     reply["q"] = next(waits)
                     send(reply, [])
@@ -337,6 +380,7 @@ class AheadRun:
         self.program, self.base, self.start, self.end = program, base, start, start
         self.made: list = []
         self.undo: list = []
+        self.segments: list = []  # (first step, end) of each captured segment it ran
         self.held = 0  # bytes of the old values kept
 
     def keep_old_values(self, st: ProgramStep, session) -> bool:
@@ -358,7 +402,13 @@ class AheadRun:
         for i, t, old in reversed(self.undo):  # (a step that failed half-way is undone too)
             if i >= reached:
                 t.copy_(old)
-        session.free_handles([h for i, hs in self.made if i >= reached for h in hs if h is not None])
+        # A segment keeps no old values: one the app turned away inside is made again up to the
+        # turn, op by op from its inputs, which it never writes.
+        redo = next((first for first, end in self.segments if first < reached < end), None)
+        cut = reached if redo is None else redo
+        session.free_handles([h for i, hs in self.made if i >= cut for h in hs if h is not None])
+        if redo is not None:
+            self.program.run(session, self.base, redo, reached, slots)
         if reached > self.end:
             self.program.run(session, self.base, self.end, reached, slots)
         self.release(session)

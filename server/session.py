@@ -299,7 +299,13 @@ class Session:
             handles = [None if id(t) in inputs else named_base + i for i, t in enumerate(outs)]
         elif not isinstance(handles, list) or (handles and len(handles) != len(outs)):
             raise OpError(f"{info.op.name()} returns {len(outs)} tensors but {len(handles)} handles were given")
-        if metas is not None and named_base is None:  # the robot predicted these outputs: hold it to that
+        self.bind_outputs(info, outs, handles, None if named_base is not None else metas, args, kwargs)
+        return result, outs, inputs
+
+    def bind_outputs(self, info: OpInfo, outs: list, handles: list, metas: list | None, args, kwargs) -> None:
+        """Bind an op's output tensors to ``handles``, each first made to the layout ``metas``
+        promised the robot (``outs`` updated in place); ``args``/``kwargs``: the op's arguments."""
+        if metas is not None:  # the robot predicted these outputs: hold it to that
             for j, (t, m) in enumerate(zip(outs, metas)):
                 if t.dtype != m.dtype or t.shape != m.shape or t.stride() != m.stride or m.grows_input:
                     outs[j] = t = self._conform(info, t, m, args, kwargs)
@@ -314,7 +320,6 @@ class Session:
                 if info.uninitialised:
                     t.untyped_storage().fill_(0)  # all of it: strides with gaps leave bytes unseen
                 self._bind(hd, t)
-        return result, outs, inputs
 
     # -- recorded programs ---------------------------------------------------------------
 
@@ -415,6 +420,10 @@ class Session:
         """Whether ``t``'s storage was first bound to a handle of the iteration starting at ``base``."""
         entry = self._storages.get(t.untyped_storage()._cdata)
         return entry is not None and base <= entry[2] < base + ITERATION_HANDLES
+
+    def reserve(self, nbytes: int) -> None:
+        """Refuse (OpError "quota") if ``nbytes`` more would take the session over its memory limit."""
+        self._reserve(nbytes)
 
     def hold(self, nbytes: int) -> None:
         """Count (or, negative, stop counting) bytes the session keeps outside its handles."""

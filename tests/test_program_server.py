@@ -318,3 +318,96 @@ def test_malformed_runs_ahead_and_confirmations_are_refused(raw):
     good = BASE + 77_777
     put_ahead(raw, good, torch.randn(2, 3), [4, good, 1, 7, []], [3000, 3001])
     assert [r.get("t") for r, _ in answers(raw, 2)] == [None, None]
+
+
+# -- captured segments: a stretch of static steps run as one traced graph (server/capture.py) ------
+
+CHAIN = {  # ten op steps between the upload and the download: one segment once the sizes are known
+    "p": 6,
+    "steps": [
+        {"t": "put", "o": [0]},
+        {"t": "op", "op": "aten::linear.default", "a": [{"s": 0}, {"h": 7}], "o": [1]},  # 1
+        {"t": "op", "op": "aten::add.Scalar", "a": [{"s": 1}, 1], "o": [2]},  # 2
+        {"t": "op", "op": "aten::relu_.default", "a": [{"s": 2}], "o": [None]},  # 3: in place
+        {"t": "op", "op": "aten::mul.Scalar", "a": [{"s": 2}, 3], "o": [3]},  # 4
+        {"t": "op", "op": "aten::sub.Tensor", "a": [{"s": 3}, {"s": 1}], "o": [4]},  # 5
+        {"t": "op", "op": "aten::tanh.default", "a": [{"s": 4}], "o": [5]},  # 6
+        {"t": "op", "op": "aten::mul_.Scalar", "a": [{"s": 5}, 2], "o": [None]},  # 7: in place
+        {"t": "op", "op": "aten::add.Tensor", "a": [{"s": 5}, {"s": 3}], "o": [6]},  # 8
+        {"t": "op", "op": "aten::t.default", "a": [{"s": 6}], "o": [7]},  # 9: a view
+        {"t": "op", "op": "aten::neg.default", "a": [{"s": 7}], "o": [8]},  # 10
+        {"t": "get", "a": [{"s": 8}]},
+    ],
+}
+
+
+def chain(x: torch.Tensor, w: torch.Tensor, until: int = 11) -> dict:
+    """CHAIN's values by offset after its steps before ``until``, computed here op by op."""
+    v = {0: x, 1: torch.nn.functional.linear(x, w)}
+    v[2] = v[1] + 1
+    if until > 3:
+        v[2].relu_()
+    v[3] = v[2] * 3
+    v[4] = v[3] - v[1]
+    v[5] = torch.tanh(v[4])
+    if until > 7:
+        v[5].mul_(2)
+    v[6] = v[5] + v[3]
+    v[8] = -v[6].t()
+    return v
+
+
+def captured(raw) -> int:
+    return raw.request({"t": "stats"})["captured_steps"]
+
+
+def test_a_captured_segment_gives_what_the_op_list_gives(raw):
+    from rrto import codec
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 4, generator=g)
+    put(raw, 7, w)
+    assert register(raw, CHAIN).get("t") != "err"
+    before = captured(raw)
+    for i in range(5):
+        x, base = torch.randn(5, 4, generator=g), BASE + 100 * i
+        put_ahead(raw, base, x, [6, base, 1, 12, []], [i])
+        ((r, f),) = answers(raw, 1)
+        assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), chain(x, w)[8]), i
+        assert raw.request({"t": "sync", "cf": [6, base, 12, []]}).get("t") != "err"
+        for off in (2, 3, 5, 6):  # every output of the segment is bound, in-place writes included
+            assert torch.equal(get(raw, base + off), chain(x, w)[off]), (i, off)
+    # the first run sizes the steps, the second plans, traces and runs the segment, and so on
+    assert captured(raw) - before == 4 * 10, "the segment did not run"
+
+
+@pytest.mark.parametrize("turn", [3, 5, 7])
+def test_settling_inside_a_captured_segment_makes_its_steps_again_up_to_the_turn(raw, turn):
+    """The app turned away at step ``turn``, inside the segment: the values before it are those
+    op by op would leave (relu_ and mul_ not yet applied where the turn is before them), and
+    nothing from the turn on is bound."""
+    from rrto import codec
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 4, generator=g)
+    put(raw, 7, w)
+    register(raw, CHAIN)
+    for i in range(3):  # warm: the third run ahead runs the segment
+        x, base = torch.randn(5, 4, generator=g), BASE + 100 * i
+        put_ahead(raw, base, x, [6, base, 1, 12, []], [i])
+        answers(raw, 1)
+        raw.request({"t": "sync", "cf": [6, base, 12, []]})
+    before = captured(raw)
+    x, base = torch.randn(5, 4, generator=g), BASE + 1000
+    put_ahead(raw, base, x, [6, base, 1, 12, []], [9])
+    ((r, f),) = answers(raw, 1)
+    assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), chain(x, w)[8])
+    assert captured(raw) - before == 10, "the segment did not run"
+    assert raw.request({"t": "sync", "cf": [6, base, turn, []]}).get("t") != "err"
+    want = chain(x, w, until=turn)
+    made_before = {3: (1, 2), 5: (1, 2, 3), 7: (1, 2, 3, 4, 5)}[turn]  # offsets the steps before it made
+    assert (want[2] < 0).any() == (turn <= 3)  # relu_ undone where the app turned before it
+    for off in made_before:
+        assert torch.equal(get(raw, base + off), want[off]), (turn, off)
+    for off in range(max(made_before) + 1, 9):
+        r = raw.request({"t": "get", "h": base + off})
+        assert r["t"] == "err" and "not one of this session's tensors" in r["msg"], (turn, off)
+    assert raw.request({"t": "sync"}).get("t") != "err"

@@ -6,6 +6,7 @@ count replayed inferences), so a replayer that silently fell back to eager would
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -253,6 +254,43 @@ def test_turning_away_before_an_in_place_op_the_server_ran_ahead(server):
     assert_same(local, remote)
     assert s["replay_divergences"] >= 2 and s["answered_ahead"] >= 8, s
     assert replayed_between(replayed, 15, 20) >= 3, replayed
+
+
+def test_turning_away_inside_a_captured_stretch_of_steps(server):
+    """A deeper net runs ahead as one traced graph (server/capture.py). Every 5th frame the app
+    stops half-way, before an in-place relu_, and reads what it has: the server makes the
+    steps before the turn again op by op, so that the app sees what eager would give it."""
+    from .conftest import RawClient
+    xs = frames_of(16, 20)
+    torch.manual_seed(3)
+    stem = nn.Conv2d(3, 8, 1).eval()
+    net = nn.Sequential(*[m for _ in range(4) for m in (nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                                        nn.ReLU(inplace=True))]).eval()
+
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"] = (copy.deepcopy(stem).to(dev), copy.deepcopy(net).to(dev))
+        first, body = st["net"]
+        with torch.no_grad():
+            y = first(xs[i].to(dev))
+            for j, m in enumerate(body):
+                if i % 5 == 4 and j == 8:  # before the in-place ReLU of the third block
+                    return (y * 2).sum((2, 3)).cpu()
+                y = m(y)
+            return y.sum((2, 3)).cpu()
+
+    stats = RawClient(server.url)
+    stats.hello()
+    try:
+        before = stats.request({"t": "stats"})["captured_steps"]
+        local, _ = run_loop(step, 20, None)
+        remote, (replayed, s) = run_loop(step, 20, server.url)
+        assert_same(local, remote)
+        assert s["replay_divergences"] >= 2, s
+        assert replayed_between(replayed, 15, 20) >= 3, replayed
+        assert stats.request({"t": "stats"})["captured_steps"] - before >= 8 * 10, "no segment ran"
+    finally:
+        stats.close()
 
 
 def test_a_running_count_stops_the_run_ahead(server):

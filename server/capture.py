@@ -1,0 +1,263 @@
+"""Captured segments: a stretch of a program's steps traced once into one TorchScript graph.
+
+Run op by op, a replayed step costs ~12 us of Python around its kernel on a CPU server
+(filling its arguments, checking its outputs' layouts, binding its handles): a fifth of
+the keypoint net's run ahead. A segment runs its steps as one call of a traced graph and
+binds their outputs afterwards. The graph calls the same aten kernels in the same order
+(the graph executor's optimisations are off: nothing is fused or folded), so its results
+are bit-equal to the op list's.
+
+A segment is a stretch of static op steps (their sizes known in this epoch: see
+``Program``), none random, none uninitialised, none growing an input, whose in-place
+writes hit only tensors made inside it and sharing no storage with its inputs. So a
+segment never writes its inputs: where it fails, or where the robot settles short of its
+end, its steps are simply run again op by op from the same inputs (``Program.run``).
+Each output is checked each run against the layout it had when traced; a step inside
+reads an output in the layout the op list would give it (``Session.bind_outputs``).
+On a CUDA server this is where a CUDA graph would be captured instead; there the op list
+still runs (not measured on a GPU yet).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from rrto import codec
+
+from .ops import flat_tensors
+
+ENABLED = True  # rrto-server --no-capture turns it off
+MIN_STEPS = 8  # shorter stretches stay op by op: a graph call has its own fixed cost
+MAX_EPOCHS = 8  # a program whose layouts keep changing stops being traced after this many
+steps_run = 0  # steps this server process ran inside segments (the daemon's stats report it)
+
+torch._C._set_graph_executor_optimize(False)  # run the traced ops as traced: no fusion, no folding
+
+
+class _In:
+    """An argument of the segment: input ``i`` of the graph."""
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+class _Made:
+    """An argument made inside the segment: the output at offset ``n``."""
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+
+class Unfit(Exception):
+    """The stretch cannot be a segment (found while tracing it)."""
+
+
+class Segment:
+    """Steps ``start`` to ``end - 1`` of a program, one graph call once ``trace`` has run."""
+
+    def __init__(self, start: int, end: int, steps: list):
+        self.start, self.end = start, end
+        self.graph = None
+        self.broken = False  # failed or unfit once: op by op for the rest of the epoch
+        self.sources: list = []  # per graph input: (0, offset) step output, (1, n) slot, (2, tensor) fixed
+        self._index: dict = {}
+        made: set = set()
+        read: set = set()
+        self.templates = []
+        for st in steps[start:end]:
+            fills = {(id(box), where): f for box, where, f in st.fills}
+            a, k = self._template(st.args, fills, made, read), self._template(st.kwargs, fills, made, read)
+            self.templates.append((st, a, k))
+            made.update(o for o in st.outs if o is not None)
+        # per step: info, (offset, meta, read inside) of each output with an offset
+        self.binds = [(st.info, [(o, m, o in read) for o, m in zip(st.outs, st.metas) if o is not None])
+                      for st, _, _ in self.templates]
+        self.new_bytes = sum(m.new_bytes for st, _, _ in self.templates for m in st.metas)
+        self.layouts: list = []  # (shape, stride, offset, dtype) of each graph output when traced
+
+    def inputs(self, handles: dict, base: int, slots: dict) -> list | None:
+        """The graph's inputs for the iteration at ``base``; None where one is missing."""
+        try:
+            return [handles[base + v] if k == 0 else handles[slots[v]] if k == 1 else v for k, v in self.sources]
+        except KeyError:
+            return None
+
+    def trace(self, values: list) -> bool:
+        """Trace the steps once on ``values``, this run's inputs (the segment writes none of them)."""
+        layouts = self.layouts
+        reads = {o: inside for _, outs in self.binds for o, _, inside in outs}
+        actions: list = []  # per output: what binding it takes, decided on the eager pass
+
+        def run(*ins, eager=False):
+            own = {t.untyped_storage()._cdata for t in ins} if eager else ()
+            made: dict = {}
+            outs = []
+            todo = iter(actions)
+            for st, a, k in self.templates:
+                args, kwargs = _fill(a, ins, made), _fill(k, ins, made)
+                for box, where in st.writes if eager else ():
+                    t = (args[where] if where < len(args) else None) if box == "a" else kwargs.get(where)
+                    if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata in own:
+                        raise Unfit("writes an input in place")
+                flat = flat_tensors(st.info.op(*args, **kwargs), [])
+                if len(flat) != len(st.outs):
+                    raise Unfit("output count")
+                for o, t, m in zip(st.outs, flat, st.metas):
+                    if o is None:
+                        continue
+                    if eager:
+                        actions.append(_binding(t, m, reads[o], args, kwargs))
+                    bound, inside = _apply(actions[len(outs)] if eager else next(todo), t, m, reads[o])
+                    if eager:
+                        layouts.append((bound.shape, bound.stride(), bound.storage_offset(), bound.dtype))
+                    outs.append(bound)
+                    made[o] = inside
+            return tuple(outs)
+
+        # Sizes asked of a tensor while tracing are traced values: decide and note layouts on an
+        # eager pass first (it writes nothing but what it made), then trace with the decisions fixed.
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run(*values, eager=True)
+                self.graph = torch.jit.trace(run, tuple(values), check_trace=False, strict=False)
+        except Exception:  # noqa: BLE001 - anything the tracer cannot take stays op by op
+            self.broken = True
+            return False
+        return True
+
+    def run(self, session, values: list, base: int) -> bool:
+        """Run the graph on ``values`` and bind every output to ``base`` + its offset. False, nothing
+        bound: it failed, or an output is not laid out as when traced (the op list runs it again)."""
+        session.reserve(self.new_bytes)
+        try:
+            with torch.no_grad():
+                outs = self.graph(*values)
+        except Exception:  # noqa: BLE001 - the op list runs it again and reports the step that fails
+            self.broken = True
+            return False
+        if type(outs) is torch.Tensor:
+            outs = (outs,)
+        for t, (shape, stride, offset, dtype) in zip(outs, self.layouts):
+            if t.shape != shape or t.stride() != stride or t.storage_offset() != offset or t.dtype != dtype:
+                self.broken = True
+                return False
+        it = iter(outs)
+        for info, mine in self.binds:
+            session.bind_outputs(info, [next(it) for _ in mine], [base + o for o, _, _ in mine],
+                                 [m for _, m, _ in mine], (), {})
+        global steps_run
+        session.ops_run += self.end - self.start
+        steps_run += self.end - self.start
+        return True
+
+    def _template(self, x, fills: dict, made: set, read: set):
+        """``x`` with each hole and tensor replaced by where the graph finds it."""
+        if type(x) is list:
+            return [self._item(x, i, v, fills, made, read) for i, v in enumerate(x)]
+        return {key: self._item(x, key, v, fills, made, read) for key, v in x.items()}
+
+    def _item(self, box, where, v, fills: dict, made: set, read: set):
+        f = fills.get((id(box), where))
+        if f is not None:
+            if f.kind == "s" and f.n in made:
+                read.add(f.n)
+                return _Made(f.n)
+            return self._source((0 if f.kind == "s" else 1, f.n))
+        if isinstance(v, torch.Tensor):
+            return self._source((2, v))
+        if type(v) in (list, dict):
+            return self._template(v, fills, made, read)
+        return v
+
+    def _source(self, src: tuple) -> _In:
+        key = (src[0], id(src[1]) if src[0] == 2 else src[1])
+        i = self._index.get(key)
+        if i is None:
+            i = self._index[key] = len(self.sources)
+            self.sources.append(src)
+        return _In(i)
+
+
+def plan(steps: list, epoch: int) -> dict:
+    """The segments of a program in this epoch, by first step (not traced yet)."""
+    out: dict = {}
+    i, n = 0, len(steps)
+    while i < n:
+        j, made = i, set()
+        while j < n and _fits(steps[j], epoch, made):
+            made.update(o for o in steps[j].outs if o is not None)
+            j += 1
+        if j - i >= MIN_STEPS:
+            out[i] = Segment(i, j, steps)
+        i = max(j, i + 1)
+    return out
+
+
+def _fits(st, epoch: int, made: set) -> bool:
+    if st is None or st.kind != "op" or not st.static or st.epoch != epoch or st.metas is None:
+        return False
+    info = st.info
+    if info.generator_arg or info.uninitialised or info.data_dependent or st.writes_fixed:
+        return False
+    if len(st.metas) != len(st.outs) or any(m.grows_input for m in st.metas):
+        return False
+    fills = {(id(box), where): f for box, where, f in st.fills}
+    for box, where in st.writes:  # in place only into what this stretch made
+        holder = st.args if box == "a" else st.kwargs
+        if box == "a" and where >= len(holder) or box == "k" and where not in holder or holder[where] is None:
+            continue
+        f = fills.get((id(holder), where))
+        if f is None or f.kind != "s" or f.n not in made:
+            return False
+    return True
+
+
+def _binding(t: torch.Tensor, m, read_inside: bool, args, kwargs):
+    """How ``Session.bind_outputs`` binds output ``t`` op by op, for ``_apply`` to trace: None
+    (as it is, or unusable), an int (a view of the same memory under the promised strides,
+    at that storage offset: only length-1 dims differ) or "copy". Unfit where op by op would
+    refuse it, or where a step inside reads what op by op would mark unusable."""
+    if t.dtype == m.dtype and t.shape == m.shape and t.stride() == m.stride:
+        return None
+    if t.dtype != m.dtype or tuple(t.shape) != m.shape:
+        if read_inside:
+            raise Unfit("a step inside reads an output the op list would refuse")
+        return None
+    if t.numel() <= 1:
+        return None
+    if all(n == 1 or a == b for n, a, b in zip(m.shape, t.stride(), m.stride)):
+        return t.storage_offset()
+    storages = {x.untyped_storage()._cdata for x in flat_tensors([args, list(kwargs.values())], [])}
+    if t.untyped_storage()._cdata in storages:
+        raise Unfit("a view whose layout differs from its meta kernel's")
+    if not codec.is_dense(m.shape, m.stride):
+        raise Unfit("a copy to a layout with gaps")
+    return "copy"
+
+
+def _apply(how, t: torch.Tensor, m, read_inside: bool) -> tuple:
+    """(what the segment returns for output ``t``, what a step inside reads of it). A view is
+    made again at binding from ``t`` as returned, whose layout each run checks."""
+    if how is None:
+        return t, t
+    if how == "copy":
+        out = torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device=t.device)
+        out.copy_(t)
+        return out, out
+    return t, (t.as_strided(m.shape, m.stride, how) if read_inside else t)
+
+
+def _fill(x, ins: tuple, made: dict):
+    if type(x) is list:
+        return [_fill(y, ins, made) for y in x]
+    if type(x) is dict:
+        return {k: _fill(v, ins, made) for k, v in x.items()}
+    if type(x) is _In:
+        return ins[x.i]
+    if type(x) is _Made:
+        return made[x.n]
+    return x
