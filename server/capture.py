@@ -131,8 +131,8 @@ class Segment:
 
     def run(self, session, values: list, base: int) -> bool:
         """Run the graph on ``values`` and bind every output to ``base`` + its offset. False, nothing
-        bound: it failed, or an output is not laid out as when traced (the op list runs it again)."""
-        session.reserve(self.new_bytes)
+        bound: it failed, or an output is not laid out as when traced (the op list runs it again).
+        The caller has reserved ``new_bytes``."""
         try:
             with torch.no_grad():
                 outs = self.graph(*values)

@@ -197,7 +197,10 @@ class Program:
     def _run_segment(self, seg, session, base: int, slots: dict, run: "AheadRun") -> bool:
         """Run a captured segment in place of its steps; False: they run op by op (nothing was bound)."""
         values = seg.inputs(session.handles, base, slots)
-        if values is None or (seg.graph is None and not seg.trace(values)):
+        if values is None:
+            return False
+        session.reserve(seg.new_bytes)  # (tracing runs the steps too)
+        if seg.graph is None and not seg.trace(values):
             return False
         made = [(j, [None if o is None else base + o for o in self.steps[j].outs]) for j in range(seg.start, seg.end)]
         run.made.extend(made)  # (before binding: an error half-way leaves its handles to settle)
