@@ -25,7 +25,7 @@ import torch
 
 from rrto import codec
 
-from .ops import flat_tensors
+from .ops import flat_tensors, written_args
 
 ENABLED = True  # rrto-server --no-capture turns it off
 MIN_STEPS = 8  # shorter stretches stay op by op: a graph call has its own fixed cost
@@ -98,8 +98,7 @@ class Segment:
             todo = iter(actions)
             for st, a, k in self.templates:
                 args, kwargs = _fill(a, ins, made), _fill(k, ins, made)
-                for box, where in st.writes if eager else ():
-                    t = (args[where] if where < len(args) else None) if box == "a" else kwargs.get(where)
+                for t in written_args(args, kwargs, st.writes) if eager else ():
                     if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata in own:
                         raise Unfit("writes an input in place")
                 flat = flat_tensors(st.info.op(*args, **kwargs), [])

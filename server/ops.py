@@ -180,6 +180,16 @@ def to_meta(x):
     return x
 
 
+def written_args(args: list, kwargs: dict, writes: tuple):
+    """The arguments at ``writes`` positions (("a", index) or ("k", name)): what an op writes in place."""
+    for box, where in writes:
+        if box == "a":
+            if where < len(args):
+                yield args[where]
+        elif where in kwargs:
+            yield kwargs[where]
+
+
 def flat_tensors(x, out: list) -> list:
     """The tensors of an op result in order (tuples and lists walked depth first)."""
     if isinstance(x, torch.Tensor):

@@ -28,7 +28,7 @@ import torch
 from rrto import codec
 
 from . import capture
-from .ops import OpError, OpInfo, short_error
+from .ops import OpError, OpInfo, short_error, written_args
 
 MAX_STEPS = 100_000
 MAX_PROGRAMS = 16
@@ -69,7 +69,7 @@ class ProgramStep:
         self.static = False  # its inputs' layouts follow from the iteration's slots (Program.decode)
         self.epoch = -1  # the Program.epoch its metas were asked in
         # writes a tensor that outlives the iteration (its layout too, if an out= argument)
-        self.writes_fixed = any(isinstance(v, torch.Tensor) for v in _places(args, kwargs, writes))
+        self.writes_fixed = any(isinstance(v, torch.Tensor) for v in written_args(args, kwargs, writes))
 
     def fill(self, handles: dict, base: int, slots: dict) -> bool:
         """Put the iteration's tensors into the step's holes. False, holes emptied again, when a
@@ -110,7 +110,7 @@ class Program:
         # A static step's inputs are tensors from outside the iteration, fixed tensors and outputs of
         # static steps. Outputs are made to the layouts their meta kernels promise, so while the slots'
         # layouts and the fixed tensors' are those of the last run (one epoch), a static step's metas
-        # are still those of the last run: asking again is ~1/10 of a replay's server time on a CPU.
+        # are still those of the last run: asking again was ~3% of a keypoint run ahead on a CPU.
         # An output of a data-dependent op ("shaped") is not static, nor anything computed from it.
         made: set = {o for _, o in puts}
         for st in steps:
@@ -120,7 +120,7 @@ class Program:
                     made.update(o for o in st.outs if o is not None)
         self.epoch = 0
         self.epoch_key: tuple | None = None
-        self.seen_epoch, self.seen_runs = -1, 0  # runs ahead in a row in one epoch
+        self.seen_epoch = -1  # the epoch of the last run ahead: segments are planned on its second
         self.segments: dict = {}  # first step -> capture.Segment, for segments_epoch
         self.segments_epoch = -1
         self.planned_epochs = 0
@@ -184,9 +184,8 @@ class Program:
         """Captured segments for a run ahead, planned on the second run of an epoch (the first
         sized the steps)."""
         if epoch != self.seen_epoch:
-            self.seen_epoch, self.seen_runs = epoch, 0
+            self.seen_epoch = epoch
             return {}
-        self.seen_runs += 1
         if self.segments_epoch != epoch:
             if session.device.type != "cpu" or not capture.ENABLED or self.planned_epochs >= capture.MAX_EPOCHS:
                 return {}
@@ -388,7 +387,7 @@ class AheadRun:
 
     def keep_old_values(self, st: ProgramStep, session) -> bool:
         """Before ``st`` writes in place: keep the old values; False if a target outlives the iteration."""
-        for t in _places(st.args, st.kwargs, st.writes):
+        for t in written_args(st.args, st.kwargs, st.writes):
             if not isinstance(t, torch.Tensor):
                 continue
             if not session.born_in_iteration(t, self.base):
@@ -483,16 +482,6 @@ def _decode_step(i: int, spec: dict, session, consts: list, persistent: set) -> 
     args = codec.decode_value(a, handle, const, session.device, ref)
     kwargs = {key: codec.decode_value(v, handle, const, session.device, ref) for key, v in k.items()}
     return ProgramStep(spec["t"], info, args, kwargs, outs, _written(info), ob)
-
-
-def _places(args: list, kwargs: dict, writes: tuple):
-    """The arguments at ``writes`` positions (("a", index) or ("k", name))."""
-    for box, where in writes:
-        if box == "a":
-            if where < len(args):
-                yield args[where]
-        elif where in kwargs:
-            yield kwargs[where]
 
 
 def _layout(t: torch.Tensor) -> tuple:
