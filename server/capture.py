@@ -25,7 +25,7 @@ import torch
 
 from rrto import codec
 
-from .ops import flat_tensors, written_args
+from .ops import flat_tensors, output_binding, written_args
 
 ENABLED = True  # rrto-server --no-capture turns it off
 MIN_STEPS = 8  # shorter stretches stay op by op: a graph call has its own fixed cost
@@ -216,26 +216,23 @@ def _fits(st, epoch: int, made: set) -> bool:
 
 
 def _binding(t: torch.Tensor, m, read_inside: bool, args, kwargs):
-    """How ``Session.bind_outputs`` binds output ``t`` op by op, for ``_apply`` to trace: None
-    (as it is, or unusable), an int (a view of the same memory under the promised strides,
-    at that storage offset: only length-1 dims differ) or "copy". Unfit where op by op would
-    refuse it, or where a step inside reads what op by op would mark unusable."""
-    if t.dtype == m.dtype and t.shape == m.shape and t.stride() == m.stride:
-        return None
-    if t.dtype != m.dtype or tuple(t.shape) != m.shape:
-        if read_inside:
-            raise Unfit("a step inside reads an output the op list would refuse")
-        return None
-    if t.numel() <= 1:
-        return None
-    if all(n == 1 or a == b for n, a, b in zip(m.shape, t.stride(), m.stride)):
-        return t.storage_offset()
-    storages = {x.untyped_storage()._cdata for x in flat_tensors([args, list(kwargs.values())], [])}
-    if t.untyped_storage()._cdata in storages:
+    """How ``Session.bind_outputs`` binds output ``t`` op by op (``output_binding``), for
+    ``_apply`` to trace: None (as it is, or unusable), an int (a view of the same memory under
+    the promised strides, at that storage offset) or "copy". Unfit where op by op would refuse
+    it, where a step inside reads what op by op marks unusable, or for a copy with gaps (the
+    session zero-fills those outside any op)."""
+    how = output_binding(t, m, args, kwargs)
+    if how == "unusable" and read_inside:
+        raise Unfit("a step inside reads an output the op list would refuse")
+    if how == "refused":
         raise Unfit("a view whose layout differs from its meta kernel's")
-    if not codec.is_dense(m.shape, m.stride):
-        raise Unfit("a copy to a layout with gaps")
-    return "copy"
+    if how == "view":
+        return t.storage_offset()
+    if how == "copy":
+        if not codec.is_dense(m.shape, m.stride):
+            raise Unfit("a copy to a layout with gaps")
+        return "copy"
+    return None
 
 
 def _apply(how, t: torch.Tensor, m, read_inside: bool) -> tuple:

@@ -180,6 +180,23 @@ def to_meta(x):
     return x
 
 
+def output_binding(t: torch.Tensor, meta: OutputMeta, args, kwargs) -> str | None:
+    """How an op's output ``t`` is made to the layout its meta kernel promised the robot:
+    None (it is), "unusable" (its shape or dtype differ), "view" (only the strides of
+    length-1 dims differ: they address nothing, so the same memory takes the promised
+    strides), "refused" (a view or in-place result of the op's arguments in another
+    layout: a copy would break it) or "copy"."""
+    shape, stride = meta.shape, meta.stride
+    if t.dtype != meta.dtype or tuple(t.shape) != shape:
+        return "unusable"
+    if t.stride() == stride or t.numel() <= 1:
+        return None
+    if all(n == 1 or a == b for n, a, b in zip(shape, t.stride(), stride)):
+        return "view"
+    storages = {x.untyped_storage()._cdata for x in flat_tensors([args, list(kwargs.values())], [])}
+    return "refused" if t.untyped_storage()._cdata in storages else "copy"
+
+
 def written_args(args: list, kwargs: dict, writes: tuple):
     """The arguments at ``writes`` positions (("a", index) or ("k", name)): what an op writes in place."""
     for box, where in writes:

@@ -22,7 +22,7 @@ import torch
 from rrto import codec
 
 from .cache import WeightCache
-from .ops import OpError, OpInfo, OpTable, OutputMeta, SizeCheck, flat_tensors, short_error
+from .ops import OpError, OpInfo, OpTable, OutputMeta, SizeCheck, flat_tensors, output_binding, short_error
 from .program import ITERATION_HANDLES, MAX_PROGRAMS, AheadRun, Program
 
 log = logging.getLogger("rrto.server")
@@ -450,7 +450,10 @@ class Session:
         then unusable rather than wrong.
         """
         shape, stride, dtype = meta.shape, meta.stride, meta.dtype
-        if t.dtype != dtype or tuple(t.shape) != shape:
+        how = output_binding(t, meta, args, kwargs)
+        if how is None:
+            return t
+        if how == "unusable":
             key = (info.op.name(), tuple(t.shape), t.dtype, shape, dtype)  # every run of a program step
             reason = _REASONS.get(key)
             if reason is None:
@@ -460,15 +463,11 @@ class Session:
                     f"{key[0]} produced a {list(t.shape)} {t.dtype} tensor here where its meta kernel "
                     f"promised {list(shape)} {dtype}, so rrto cannot use this output")
             return reason
-        if t.stride() == stride or t.numel() <= 1:
-            return t
-        if all(n == 1 or a == b for n, a, b in zip(shape, t.stride(), stride)):
-            # Only the strides of length-1 dims differ: they address nothing, so the same memory
-            # takes the promised strides. (A copy here cost the keypoint net two: the input's
-            # and the first convolution's, whose kernel read the stray stride as channels-last.)
+        if how == "view":
+            # (A copy here cost the keypoint net two: the input's and the first convolution's,
+            # whose kernel read the stray stride as channels-last.)
             return t.as_strided(shape, stride, t.storage_offset())
-        storages = {x.untyped_storage()._cdata for x in flat_tensors([args, list(kwargs.values())], [])}
-        if t.untyped_storage()._cdata in storages:  # a view or in-place result: a copy would break it
+        if how == "refused":
             raise OpError(f"{info.op.name()} returned a view whose layout differs from its meta kernel's")
         out = torch.empty_strided(shape, stride, dtype=dtype, device=t.device)
         if not codec.is_dense(shape, stride):  # else the copy writes every byte
