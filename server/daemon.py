@@ -7,6 +7,7 @@ inproc socket because zmq sockets must stay in one thread each.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import secrets
@@ -236,7 +237,9 @@ class Daemon:
         held = [*self.sessions.values(), *live]
         reply = {"t": "stats", "q": q, "sessions": len(self.sessions), "closing": len(live),
                  "tensor_bytes": sum(s.live_bytes for s in held), "queued_bytes": sum(s.pending_bytes for s in held),
-                 "captured_steps": capture.steps_run}
+                 "captured_steps": capture.steps_run,
+                 # objects a full collection walks, and those frozen after the warm-up (ops.warm_up)
+                 "gc_tracked_objects": len(gc.get_objects()), "gc_frozen_objects": gc.get_freeze_count()}
         self.router.send_multipart([identity, *codec.pack(reply)])
 
     def _reply_socket(self) -> zmq.Socket:

@@ -15,6 +15,7 @@ session (``epoch``): tensors from before are re-uploaded when an op first needs 
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import sys
@@ -764,10 +765,19 @@ _SPECIAL = {aten._to_copy.default: _to_copy, aten.copy_.default: _copy_,
 # -- helpers -----------------------------------------------------------------------------
 
 def _warm_up_meta_kernels() -> None:
-    """Meta kernels written in Python import ~1 s of torch on first use: pay it while the app loads."""
+    """Meta kernels written in Python import ~1 s of torch on first use: pay it while the app loads.
+
+    Then freeze what exists (``gc.freeze``): torch's ~300k import-time objects would otherwise
+    be walked at every full collection, and rrto's per-op allocations trigger one every ~100
+    replayed frames, a 120-185 ms stall of the app's thread (keypoint net, one core; the
+    slowest of 1,000 frames is 23-30 ms with the freeze, the median 20). What the app made
+    so far is frozen too: a reference cycle among those objects that becomes garbage later
+    is not collected (a cycle-free model replaced later is freed as always, by refcount)."""
     x, w, c = (torch.empty(s, device="meta") for s in ((1, 4, 8, 8), (4, 4, 3, 3), (4,)))
     aten.convolution.default(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
     aten.native_batch_norm.default(x, c, c, c, c, False, 0.1, 1e-5)
+    gc.collect()
+    gc.freeze()
 
 
 def _handle_of(t: torch.Tensor) -> int | None:
