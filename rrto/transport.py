@@ -35,7 +35,7 @@ class Link:
                  fault_timeout: float = 2.0):
         self.url, self.timeout, self.stats, self.curve = url, timeout, stats, curve
         self.fault_timeout = fault_timeout
-        self._ping = codec.pack({"t": "ping"})
+        self._ping, self._ping_session = codec.pack({"t": "ping"}), None
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -174,6 +174,12 @@ class Link:
                 self._expected.discard(q)
                 self._early.pop(q, None)
 
+    def _ping_message(self) -> list:
+        """A ping naming this robot's session, so that a server that does not hold it says so."""
+        if self._ping_session != self.session:
+            self._ping, self._ping_session = codec.pack({"t": "ping", "s": self.session}), self.session
+        return self._ping
+
     def await_reply(self, seq: int, what: str = "a reply") -> tuple[dict, list]:
         """The reply numbered ``seq``; replies reserved for later are kept until asked for."""
         with self._lock:
@@ -189,7 +195,9 @@ class Link:
                 if self._pinger in ready:  # pongs: the server is alive, the link carries packets
                     heard = time.monotonic()
                     while self._pinger.poll(0):
-                        self._pinger.recv_multipart()
+                        if b"gone" in self._pinger.recv_multipart()[0]:
+                            raise LinkLost(f"it no longer holds this robot's session (restarted, or closed it) "
+                                           f"(waiting for {what})")
                 if self._sock not in ready:
                     now = time.monotonic()
                     if now - heard > self.fault_timeout:
@@ -202,7 +210,7 @@ class Link:
                             "Set RRTO_TIMEOUT (seconds) to wait longer.")
                     if self._pinger not in ready:
                         try:
-                            self._pinger.send_multipart(self._ping, zmq.NOBLOCK)
+                            self._pinger.send_multipart(self._ping_message(), zmq.NOBLOCK)
                         except zmq.Again:  # not connected (yet): no sign of life either
                             pass
                     continue

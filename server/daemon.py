@@ -29,6 +29,7 @@ from .session import Limits, Session
 log = logging.getLogger("rrto.server")
 REPLIES = "inproc://rrto-replies"
 _PONG = codec.pack({"t": "pong"})[0]
+_PONG_GONE = codec.pack({"t": "pong", "gone": True})[0]  # to a ping naming a session this server does not hold
 MAX_FRAMES = 1024  # tensor frames in one message: far more inline tensors than any op takes
 
 
@@ -173,7 +174,11 @@ class Daemon:
             return
         q, t = header.get("q"), header.get("t")
         if t == "ping":  # answered here, never queued behind a session's work: the robot's sign of life
-            self.router.send_multipart([identity, _PONG])
+            # A robot whose server was restarted on the same address would take the new one's
+            # pongs for its own and wait out its request timeout for a reply that never comes.
+            s = header.get("s")
+            gone = isinstance(s, str) and s not in self.sessions
+            self.router.send_multipart([identity, _PONG_GONE if gone else _PONG])
             return
         if t == "hello":
             self._hello(identity, header, msg[0])
