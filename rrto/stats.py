@@ -43,6 +43,9 @@ class Stats:
     lop_depth: int = 0  # the plan: robot bands run steps [0, depth)
     lop_bands: int = 0
     lop_robot_bands: int = 0
+    lop_kept_bands: bool = False  # the band plan measured faster than whole uploads (lop), or is used untimed
+    lop_trial_bands_ms: float = 0.0  # the trial's medians, upload to the app's last reply
+    lop_trial_whole_ms: float = 0.0
     lop_server_measured: bool = False  # the plan used server step times measured on the server
     # synchronize() calls seen when planning last ended (its plan, or none, in effect from the
     # next inference; planning runs in the background until then); -1: planning, or never planned

@@ -67,6 +67,7 @@ class Link:
         # minus that) lands in ``transfers`` when the robot was waiting as the reply came in
         # (a reply read late, after the app's own work, says nothing about the link).
         self.transfers: deque[tuple[int, float]] = deque(maxlen=64)
+        self.replied_at = 0.0  # perf_counter() when the app last got a reply it waited for
         self._clock_next = False
         self._clocks = 0
         self._clocked: tuple[int, float, int] | None = None  # (number, sent at, bytes)
@@ -186,6 +187,7 @@ class Link:
             self._expected.discard(seq)
             early = self._early.pop(seq, None)
             if early is not None:
+                self.replied_at = time.perf_counter()
                 return _checked(*early)
             start = heard = time.monotonic()
             every = int(self.fault_timeout * 250) + 1  # ms: four pings per fault timeout
@@ -223,6 +225,7 @@ class Link:
                     self._clock_reply(reply["sv"], nbytes, waited)
                 q = reply.get("q")
                 if q == seq:
+                    self.replied_at = time.perf_counter()
                     return _checked(reply, rframes)
                 if q in self._expected:
                     self._expected.discard(q)

@@ -126,10 +126,13 @@ def test_server_runs_its_bands_and_the_rest(recorded, server, name):
             pre = prefix(chain, plan, prog.n_handles)
             r = c.request({"t": "prog", "p": pid, "steps": pre.steps, "in": [], "drop": pid - 1 if pid > 2 else None})
             assert r.get("t") != "err", r
-            for off, lo, hi in pre.slices:  # server bands' inputs first
+            # the server's bands tile steps [0, server_end), one run each
+            assert [a for a, _ in pre.runs] == ([0] + [b for _, b in pre.runs[:-1]] if pre.runs else [])
+            assert (pre.runs[-1][1] if pre.runs else 0) == pre.server_end
+            for (off, lo, hi), (a, b) in zip(pre.slices, pre.runs):  # each server band's input, then its run
                 desc, buf, _ = codec.tensor_frame(input_rows(chain, x, lo, hi).contiguous())
                 c.send({"t": "put", "h": base + off, "d": desc}, [buf])
-            c.send({"t": "free", "pre": [[pid, base, 0, pre.server_end, []]]})  # the server starts on them
+                c.send({"t": "free", "pre": [[pid, base, a, b, []]]})
             for off, bd in pre.results:  # each robot band as soon as it is done
                 t = run_ops(bd.ops, {0: input_rows(chain, x, bd.lo, bd.hi)}, params, consts)[bd.out]
                 desc, buf, _ = codec.tensor_frame(t.contiguous())

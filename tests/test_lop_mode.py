@@ -19,6 +19,7 @@ import rrto
 from examples import models as M
 from rrto.lop.analysis import analyse
 from rrto.lop.planning import download_bytes
+from rrto.lop.robot import PlanTrial
 
 from .test_examples import run_example
 from .test_replay import LOOPS, frames_of, run_loop
@@ -83,7 +84,38 @@ def test_planned_modes_equal_local(server, mode):
     if mode == "partition":  # a layer cut: one band, computed by the robot, or none (full offload)
         assert s["lop_bands"] in (0, 1) and s["lop_robot_bands"] == s["lop_bands"], s
     if s["lop_bands"]:
-        assert s["lop_inferences"] == 3, s
+        # lop timed the plan against whole uploads first (its frames alternate: every one was checked
+        # above); partition runs its cut untimed. The three frames after planning ran on what was kept.
+        trial = PlanTrial.SKIP + PlanTrial.FRAMES if mode == "lop" else 0
+        assert s["lop_inferences"] == trial + (3 if s["lop_kept_bands"] else 0), s
+        if mode == "lop":
+            assert s["lop_trial_bands_ms"] > 0 and s["lop_trial_whole_ms"] > 0, s
+            assert s["lop_kept_bands"] == (s["lop_trial_bands_ms"] < s["lop_trial_whole_ms"] * (1 - PlanTrial.MARGIN)), s
+
+
+def test_plan_trial_keeps_the_faster():
+    """The trial's bookkeeping: blocks of each kind, warm-up frames left out, the median decides,
+    a tie goes to whole uploads; inferences of the other kind (a shape change, a re-plan) are ignored."""
+    def run(bands_s, whole_s):
+        t = PlanTrial()
+        seen = []
+        while t.kept is None:
+            kind = t.bands
+            seen.append(kind)
+            t.ended(not kind, 1.0)  # an inference that went up the other way: not counted
+            t.ended(kind, (bands_s if kind else whole_s) + 0.0001 * (len(seen) % 3))
+        return t, seen
+    n = PlanTrial.SKIP + PlanTrial.FRAMES
+    t, seen = run(0.020, 0.025)
+    assert t.kept and t.bands and seen == [True] * n + [False] * n
+    assert t.median(True) < t.median(False)
+    t, _ = run(0.025, 0.020)
+    assert t.kept is False and t.bands is False
+    t, _ = run(0.0200, 0.0201)  # within the margin: whole uploads cost the robot less
+    assert t.kept is False
+    t, _ = run(0.050, 0.020)
+    t.ended(False, 0.001)  # decided: later inferences change nothing
+    assert t.kept is False and len(t.times[False]) == PlanTrial.FRAMES
 
 
 class Net(torch.nn.Module):

@@ -98,6 +98,7 @@ class Runtime:
         self._names: dict = {}
         # a replayed inference: when its input went up, and the robot's walk from there to the first wait
         self._walk_from, self._walk = 0.0, None
+        self._inference_from = 0.0  # when its input went up (lop: the inference's latency ends at its last reply)
         self.closed = False
         self._last_sync = (time.perf_counter(), stats.messages_sent, stats.round_trips,
                            stats.bytes_sent, stats.bytes_received)
@@ -344,7 +345,11 @@ class Runtime:
         try:
             if first:
                 self.link.clock_next()
-                self.lop.observe(self.link.transfers, self._walk)
+                took, now = None, time.perf_counter()
+                if 0.0 < self._inference_from < self.link.replied_at:
+                    took = self.link.replied_at - self._inference_from
+                self._inference_from = now
+                self.lop.observe(self.link.transfers, self._walk, took)
                 self._walk = None
             if first and self.lop.upload(src, rep.base, self.streamer, rep):
                 pass  # sent as bands
@@ -500,7 +505,10 @@ class Runtime:
                 planner = LossPlanner(self.copies, self._probe_link, default_speedup(self.info.get("device", "")), self.stats,
                                       layers_only=config.mode == "partition", verbose=config.progress,
                                       step_times=self._server_step_times)
-            self.lop = LopRobot(self.copies, self.stats, planner=planner, verbose=config.progress)
+            # lop keeps a band plan only if it measured faster than whole uploads; the baseline
+            # (partition) and the fixed rule of the tests run their plans as chosen
+            trial = config.mode == "lop" and planner is not None
+            self.lop = LopRobot(self.copies, self.stats, planner=planner, verbose=config.progress, trial=trial)
             self.replayer.on_diverge = lambda pos: self.lop.diverged(pos, self.replayer, self.streamer)
 
     def _probe_link(self, nbytes: int) -> float:

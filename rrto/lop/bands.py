@@ -222,10 +222,13 @@ class Prefix:
     Offsets continue after the program's own (``first``), in the same iteration's handle
     range, and the stitched value lands on the program's offset for it, so the program's
     steps [depth, end) run unchanged after it. Steps [0, server_end) are the server's
-    bands (run as soon as their input slices are up); the rest stitches.
+    bands, each run on its own as soon as its input slice is up (``runs``: its steps [a, b),
+    in the order of ``slices``), so the server computes band i while band i+1 is on the
+    wire; the rest stitches.
     """
     steps: list
     slices: list  # (offset, lo, hi): the robot uploads rows [lo, hi) of the input here
+    runs: list  # (a, b): the steps of the server band whose slice is slices[i]
     results: list  # (offset, Band): the robot computes the band and uploads its result here
     server_end: int
     end: int  # offsets used: program offsets < first <= ... < end
@@ -236,14 +239,16 @@ def prefix(chain: Chain, plan: BandPlan, first: int) -> Prefix:
         raise ValueError(f"a cut at depth {plan.depth} would leave tensors the server needs on the robot")
     nxt = first
     steps: list = []
-    slices, results, parts = [], [], []
+    slices, runs, results, parts = [], [], [], []
     for a, b, robot in plan.bands():
         if robot:
             continue
         bd = band(chain, plan.depth, a, b, nxt)
+        first = len(steps)
         steps.append({"t": "put"})
         steps += bd.ops
         slices.append((nxt, bd.lo, bd.hi))
+        runs.append((first, len(steps)))
         parts.append((a, bd.out))
         nxt = bd.end
     server_end = len(steps)
@@ -258,4 +263,4 @@ def prefix(chain: Chain, plan: BandPlan, first: int) -> Prefix:
     axis = chain.axis[chain.value_at(plan.depth)]
     steps.append({"t": "op", "op": "aten::cat.default", "a": [[{"s": o} for _, o in parts], axis],
                   "o": [chain.offset_at(plan.depth)]})
-    return Prefix(steps, slices, results, server_end, nxt)
+    return Prefix(steps, slices, runs, results, server_end, nxt)

@@ -6,7 +6,9 @@ Decision vector (11 numbers, ints except the last), searched with
   x[0]     number of bands, 1..8
   x[1]     index of the depth in the profile's cut points (0: full offload,
            <= chain: banded, deeper: a layer partition, last: local)
-  x[2:10]  per band, 1 if the robot computes it (only the first x[0] count)
+  x[2:10]  per band, 1 if the robot computes it (only the first x[0] count); bands
+           all on the server still pay when the server computes band i while
+           band i+1's rows are on the wire (one such band is full offload)
   x[10]    log2 of the robot bands' height relative to the server bands' (-3..3):
            lets the robot's share move in finer steps than whole bands
 
@@ -73,7 +75,7 @@ class _Space:
         if d > self.profile.chain:  # past the local chain: a layer cut (d == n: local)
             return BandPlan.layer(d, rows)
         robot = tuple(bool(round(v)) for v in x[2:2 + nb])
-        if not any(robot):  # the server computes everything: that is full offload
+        if nb == 1 and not robot[0]:  # one band, on the server: that is full offload
             return BandPlan.offload()
         w = np.where(robot, 2.0 ** float(x[10]), 1.0)
         cuts = np.round(rows * np.concatenate([[0.0], np.cumsum(w)]) / w.sum()).astype(int)
@@ -128,6 +130,7 @@ def plan(profile: Profile, link: Link, power: Power = Power(), objective: str = 
     chain_idx = [i for i, d in enumerate(space.depths) if 0 < d <= profile.chain]
     for i in chain_idx[len(chain_idx) // 8::max(1, len(chain_idx) // 4)]:
         pop.append(np.array([2, i, 0, 1] + [0] * (MAX_BANDS - 2) + [0.0]))
+        pop.append(np.array([4, i] + [0] * MAX_BANDS + [0.0]))  # server bands only: upload pipelined with compute
     while len(pop) < population:
         pop.append(lo + rng.random(len(lo)) * (hi - lo))
     init = np.clip(np.array(pop), lo, hi)

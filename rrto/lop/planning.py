@@ -216,7 +216,9 @@ class LossPlanner:
         return loss_plan(prof, link, self.power, self.objective, maxiter=20)
 
     def _usable(self, plan: BandPlan, cuts: list) -> BandPlan | None:
-        return plan if plan.depth in cuts and any(plan.robot) else None  # else full offload: plain replay
+        if plan.depth in cuts and (any(plan.robot) or len(plan.bands()) > 1):
+            return plan
+        return None  # full offload: plain replay
 
     def _watch(self, generation: int, prof: Profile, cuts: list, choice: Choice) -> None:
         """Re-plan when the bandwidth moves to another bin or the model drifts (module docstring)."""

@@ -4,8 +4,8 @@ When the replayer adopts a program, ``adopt`` analyses its local chain, asks the
 planner for a BandPlan and registers the server's part of it (``bands.prefix``) as a
 program of its own. Then each replayed upload of the input becomes:
 
-1. the input slices of the server's bands go up first, and a no-reply message starts
-   the server on them;
+1. the input slices of the server's bands go up first, each followed by a no-reply
+   message that starts the server on that band while the next slice travels;
 2. the robot computes its own bands on its CPU copies of the parameters, uploading
    each result as soon as it is done (the link carries band i while the robot computes
    band i+1);
@@ -18,6 +18,7 @@ had reached, so eager execution continues on exactly the tensors replay would ha
 """
 from __future__ import annotations
 
+import statistics
 import sys
 import threading
 import time
@@ -34,6 +35,47 @@ from .plan import BandPlan
 from .planning import yield_to_the_app
 
 Planner = Callable[[Chain], "BandPlan | None"]
+
+
+class PlanTrial:
+    """A band plan timed against whole uploads before it is kept.
+
+    The cost model chooses what to try; the robot's clock chooses what to keep. The model
+    does not see everything a banded inference costs (its extra messages, band ops run one
+    by one on the server where whole runs are captured, robot bands and the walk sharing a
+    CPU quota), and on a slow robot a plan modelled faster can run slower. So the plan's
+    inferences and then as many whole uploads are timed (upload to the app's last reply,
+    the first ``SKIP`` of each block left out: the server traces a new run's segments
+    there), and bands are kept only if their median is ``MARGIN`` faster: on a tie the
+    robot saves the CPU (and energy) of its bands.
+    """
+    SKIP, FRAMES, MARGIN = 3, 6, 0.02
+
+    def __init__(self) -> None:
+        self.times: dict[bool, list[float]] = {True: [], False: []}
+        self.bands = True  # what the next inferences do
+        self.kept: bool | None = None  # once decided: True, the bands stay
+        self._skip = self.SKIP
+
+    def ended(self, bands: bool, seconds: float) -> bool:
+        """One inference ran (``bands``: it went up in bands); True when this decides the trial."""
+        if self.kept is not None or bands != self.bands:
+            return False
+        if self._skip:
+            self._skip -= 1
+            return False
+        mine = self.times[bands]
+        mine.append(seconds)
+        if len(mine) < self.FRAMES:
+            return False
+        if len(self.times[not bands]) < self.FRAMES:
+            self.bands, self._skip = not bands, self.SKIP
+            return False
+        self.kept = self.bands = self.median(True) < self.median(False) * (1 - self.MARGIN)
+        return True
+
+    def median(self, bands: bool) -> float:
+        return statistics.median(self.times[bands])
 
 
 def default_plan(chain: Chain, bands: int = 4, max_halo: float = 1.5) -> BandPlan | None:
@@ -65,8 +107,10 @@ class _Active:
 
 
 class LopRobot:
-    def __init__(self, copies: dict, stats, planner: Planner | None = None, verbose: bool = False):
-        """``copies``: handle -> the robot's CPU copy of every tensor it uploaded (kept by the runtime)."""
+    def __init__(self, copies: dict, stats, planner: Planner | None = None, verbose: bool = False,
+                 trial: bool = False):
+        """``copies``: handle -> the robot's CPU copy of every tensor it uploaded (kept by the runtime).
+        ``trial``: time each band plan against whole uploads and keep the faster (``PlanTrial``)."""
         self.copies, self.stats, self.verbose = copies, stats, verbose
         self.planner = planner or default_plan
         self.active: _Active | None = None
@@ -81,6 +125,9 @@ class LopRobot:
         self._drop: int | None = None  # the previous band program, dropped when the next registers
         self._planned_job: tuple | None = None  # the job whose plan is in force: re-plans install for it
         self._bands_ran: tuple | None = None  # (plan, seconds) of the robot's bands in the last inference
+        self.trial_plans = trial
+        self.trial: PlanTrial | None = None  # the band plan in force, while it is timed
+        self._went: bool | None = None  # how the last inference's input went up: in bands (True) or whole
 
     # -- adoption ----------------------------------------------------------------------
 
@@ -125,8 +172,8 @@ class LopRobot:
 
     def _install(self, job: tuple, plan: BandPlan | None, replayer) -> None:
         program, chain, register = job
-        self._planned()
         self._planned_job = job
+        self.trial = None
         if self.active is not None:  # a re-plan: the band program in force goes with the next one
             self._drop, self.active = self.active.pid, None
         why = chain.ends
@@ -145,9 +192,14 @@ class LopRobot:
                 s = self.stats
                 s.lop_depth, s.lop_bands = plan.depth, plan.n_bands
                 s.lop_robot_bands = sum(plan.robot)
+                s.lop_kept_bands = True
                 self._say(f"{len(chain)}-step local chain, cut at step {plan.depth} "
                           f"({chain.rows(chain.value_at(plan.depth))} rows), {plan.n_bands} bands, "
-                          f"{sum(plan.robot)} on the robot")
+                          f"{sum(plan.robot)} on the robot{'; timing it against whole uploads' if self.trial_plans else ''}")
+                if self.trial_plans:
+                    self.trial = PlanTrial()  # planning ends when the trial does
+                else:
+                    self._planned()
                 return
             else:
                 why = "the server refused the band program"
@@ -155,6 +207,8 @@ class LopRobot:
             why = "the planner chose full offload"
         s = self.stats
         s.lop_depth = s.lop_bands = s.lop_robot_bands = 0
+        s.lop_kept_bands = False
+        self._planned()
         self._say(f"no banded plan ({why}); replaying with a whole upload")
 
     def _planned(self) -> None:
@@ -173,12 +227,24 @@ class LopRobot:
 
     # -- one inference -------------------------------------------------------------------
 
-    def observe(self, transfers, walk: float | None) -> None:
+    def observe(self, transfers, walk: float | None, took: float | None = None) -> None:
         """The last inference as it ran (at the next one's upload): the link samples the
-        transport took (drained here), the robot's walk through the app's calls, and its bands."""
+        transport took (drained here), the robot's walk through the app's calls, its bands,
+        and ``took``: seconds from its upload to the app's last reply (the plan's trial)."""
         samples = list(transfers)
         transfers.clear()
         bands, self._bands_ran = self._bands_ran, None
+        went, self._went = self._went, None
+        trial = self.trial
+        if trial is not None and went is not None and took is not None and trial.ended(went, took):
+            self.trial = None
+            s = self.stats
+            s.lop_kept_bands = trial.kept
+            s.lop_trial_bands_ms = round(trial.median(True) * 1e3, 2)
+            s.lop_trial_whole_ms = round(trial.median(False) * 1e3, 2)
+            self._planned()
+            self._say(f"bands measured {s.lop_trial_bands_ms} ms against {s.lop_trial_whole_ms} ms whole (medians): "
+                      + ("keeping the bands" if trial.kept else "uploading whole"))
         observe = getattr(self.planner, "observe", None)
         if observe is not None:
             observe(samples, walk, bands)
@@ -202,17 +268,20 @@ class LopRobot:
         if act is None or -act.pid != replayer.program.pid or tuple(x.shape) != act.chain.shapes[0] \
                 or x.dtype != act.chain.dtypes[0]:
             return False
-        replayer.cancel_ask()  # the bands are several messages; the run ahead starts after them
         for h in self._held:
             streamer.free(h)
         self._held.clear()
+        kept = self.trial.bands if self.trial is not None else self.stats.lop_kept_bands
+        self._went = kept
+        if not kept:
+            return False  # the whole upload measured faster (or is being timed)
+        replayer.cancel_ask()  # the bands are several messages; the run ahead starts after them
         pre = act.prefix
         x = x.detach().clone()  # ours now: sent without waiting, and kept in case the app diverges
-        for off, lo, hi in pre.slices:
+        for (off, lo, hi), (a, b) in zip(pre.slices, pre.runs):
             _put(streamer, base + off, input_rows(act.chain, x, lo, hi).contiguous())
-        if pre.slices:
-            replayer.add_run(act.pid, base, 0, pre.server_end)
-            streamer.notify("free")  # carries the run: the server starts on its bands now
+            replayer.add_run(act.pid, base, a, b)
+            streamer.notify("free")  # carries the band's run: the server computes it while the next slice travels
         computing = 0.0
         with torch.no_grad():
             for off, bd in pre.results:
