@@ -388,7 +388,7 @@ def rows(s: Settings, runs: dict[tuple, list[Run]], modes: dict[str, bool]) -> l
                         # what the planner measured online at the end of the run, and how often it re-planned
                         row["lop_online"] = {k: last.get(f"lop_{k}") for k in
                                              ("link_mbit", "link_rtt_ms", "walk_ms", "robot_scale", "replans", "depth",
-                                              "bands", "robot_bands")}
+                                              "bands", "robot_bands", "kept_bands", "trial_bands_ms", "trial_whole_ms")}
                     note = next((r.note for r in got if r.note), None)
                     if note:
                         row["note"] = note

@@ -23,6 +23,9 @@ def table(results: dict) -> str:
     for r in results["results"]:
         mode = r["mode"] + (" (still planning)" if "not ended" in r.get("note", "") else
                             f" ({r['frames']} frames)" if r.get("note") else "")
+        online = r.get("lop_online") or {}
+        if r["mode"] == "lop" and online.get("bands") and online.get("kept_bands") is False:
+            mode += " (bands timed slower: whole)"  # PlanTrial kept full offload
         head = f"| {r['model']} | {r['link'] or '-'} | {mode} |"
         if r["status"] != "ok":
             why = "not available" if r["status"] == "not available" else f"failed: {r.get('error', '')[:60]}"

@@ -120,10 +120,13 @@ class Program:
                     made.update(o for o in st.outs if o is not None)
         self.epoch = 0
         self.epoch_key: tuple | None = None
+        # Layouts a program goes back to get their epoch back, and with it their traced segments:
+        # lop's plan trial alternates bands (no whole input bound) and whole uploads, and a
+        # re-plan does it again; each switch used to start an epoch and trace it anew, and after
+        # MAX_EPOCHS the program was never traced again.
+        self.epochs: dict[tuple, int] = {}  # layout key -> its epoch
         self.seen_epoch = -1  # the epoch of the last run ahead: segments are planned on its second
-        self.segments: dict = {}  # first step -> capture.Segment, for segments_epoch
-        self.segments_epoch = -1
-        self.planned_epochs = 0
+        self.segments: dict[int, dict] = {}  # epoch -> first step -> capture.Segment
 
     @classmethod
     def decode(cls, header: dict, frames: list, session) -> "Program":
@@ -177,30 +180,41 @@ class Program:
                *[_layout(handles[base + o]) if base + o in handles else None for i, o in self.puts if i < b])
         if key != self.epoch_key:
             self.epoch_key = key
-            self.epoch += 1
+            epoch = self.epochs.get(key)
+            if epoch is None:
+                if len(self.epochs) >= 4 * capture.MAX_EPOCHS:  # layouts that never come back: bounded
+                    self.epochs.clear()
+                epoch = self.epochs[key] = max(self.epochs.values(), default=self.epoch) + 1
+            self.epoch = epoch
         return self.epoch
 
     def _segments(self, session, epoch: int) -> dict:
         """Captured segments for a run ahead, planned on the second run of an epoch (the first
         sized the steps)."""
+        segments = self.segments.get(epoch)
+        if segments is not None:
+            return segments
         if epoch != self.seen_epoch:
             self.seen_epoch = epoch
             return {}
-        if self.segments_epoch != epoch:
-            if session.device.type != "cpu" or not capture.ENABLED or self.planned_epochs >= capture.MAX_EPOCHS:
-                return {}
-            self.segments, self.segments_epoch = capture.plan(self.steps, epoch), epoch
-            self.planned_epochs += 1
-        return self.segments
+        if session.device.type != "cpu" or not capture.ENABLED or len(self.segments) >= capture.MAX_EPOCHS:
+            return {}
+        segments = self.segments[epoch] = capture.plan(self.steps, epoch)
+        return segments
 
     def _run_segment(self, seg, session, base: int, slots: dict, run: "AheadRun") -> bool:
         """Run a captured segment in place of its steps; False: they run op by op (nothing was bound)."""
         values = seg.inputs(session.handles, base, slots)
         if values is None:
             return False
-        session.reserve(seg.new_bytes)  # (tracing runs the steps too)
-        if seg.graph is None and not seg.trace(values):
-            return False
+        if seg.graph is None:
+            if any(self.steps[j].epoch != self.epoch for j in range(seg.start, seg.end)):
+                return False  # (back in its epoch, steps sized since in another: op by op once re-sizes them)
+            session.reserve(seg.new_bytes)  # (tracing runs the steps too)
+            if not seg.trace(values):
+                return False
+        else:
+            session.reserve(seg.new_bytes)
         made = [(j, [None if o is None else base + o for o in self.steps[j].outs]) for j in range(seg.start, seg.end)]
         run.made.extend(made)  # (before binding: an error half-way leaves its handles to settle)
         if not seg.run(session, values, base):

@@ -380,6 +380,32 @@ def test_a_captured_segment_gives_what_the_op_list_gives(raw):
     assert captured(raw) - before == 4 * 10, "the segment did not run"
 
 
+def test_layouts_a_program_goes_back_to_keep_their_traced_segment(raw):
+    """Inputs of one shape, then another, then the first again (lop's plan trial: bands, then
+    whole uploads): back on the first, its segment runs from the first run, as traced before."""
+    from rrto import codec
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 4, generator=g)
+    put(raw, 7, w)
+    assert register(raw, CHAIN).get("t") != "err"
+    i = 0
+
+    def frame(rows: int) -> int:
+        nonlocal i
+        x, base = torch.randn(rows, 4, generator=g), BASE + 100 * i
+        before = captured(raw)
+        put_ahead(raw, base, x, [6, base, 1, 12, []], [i])
+        ((r, f),) = answers(raw, 1)
+        assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), chain(x, w)[8]), (i, rows)
+        assert raw.request({"t": "sync", "cf": [6, base, 12, []]}).get("t") != "err"
+        i += 1
+        return captured(raw) - before
+
+    assert [frame(5) for _ in range(3)] == [0, 10, 10]  # sized, then planned and traced
+    assert [frame(3) for _ in range(3)] == [0, 10, 10]  # another layout: its own segment
+    assert [frame(5) for _ in range(2)] == [10, 10]  # the first layout's, kept
+
+
 @pytest.mark.parametrize("turn", [3, 5, 7])
 def test_settling_inside_a_captured_segment_makes_its_steps_again_up_to_the_turn(raw, turn):
     """The app turned away at step ``turn``, inside the segment: the values before it are those
