@@ -127,6 +127,7 @@ class LopRobot:
         self._bands_ran: tuple | None = None  # (plan, seconds) of the robot's bands in the last inference
         self.trial_plans = trial
         self.trial: PlanTrial | None = None  # the band plan in force, while it is timed
+        self.kept_bands = False  # the band plan in force is used (untimed, or timed faster)
         self._went: bool | None = None  # how the last inference's input went up: in bands (True) or whole
 
     # -- adoption ----------------------------------------------------------------------
@@ -192,10 +193,11 @@ class LopRobot:
                 s = self.stats
                 s.lop_depth, s.lop_bands = plan.depth, plan.n_bands
                 s.lop_robot_bands = sum(plan.robot)
-                s.lop_kept_bands = True
+                s.lop_kept_bands = self.kept_bands = True
                 self._say(f"{len(chain)}-step local chain, cut at step {plan.depth} "
                           f"({chain.rows(chain.value_at(plan.depth))} rows), {plan.n_bands} bands, "
-                          f"{sum(plan.robot)} on the robot{'; timing it against whole uploads' if self.trial_plans else ''}")
+                          f"{sum(plan.robot)} on the robot"
+                          + ("; timing it against whole uploads" if self.trial_plans else ""))
                 if self.trial_plans:
                     self.trial = PlanTrial()  # planning ends when the trial does
                 else:
@@ -207,7 +209,7 @@ class LopRobot:
             why = "the planner chose full offload"
         s = self.stats
         s.lop_depth = s.lop_bands = s.lop_robot_bands = 0
-        s.lop_kept_bands = False
+        s.lop_kept_bands = self.kept_bands = False
         self._planned()
         self._say(f"no banded plan ({why}); replaying with a whole upload")
 
@@ -239,7 +241,7 @@ class LopRobot:
         if trial is not None and went is not None and took is not None and trial.ended(went, took):
             self.trial = None
             s = self.stats
-            s.lop_kept_bands = trial.kept
+            s.lop_kept_bands = self.kept_bands = trial.kept
             s.lop_trial_bands_ms = round(trial.median(True) * 1e3, 2)
             s.lop_trial_whole_ms = round(trial.median(False) * 1e3, 2)
             self._planned()
@@ -271,9 +273,8 @@ class LopRobot:
         for h in self._held:
             streamer.free(h)
         self._held.clear()
-        kept = self.trial.bands if self.trial is not None else self.stats.lop_kept_bands
-        self._went = kept
-        if not kept:
+        self._went = bands = self.trial.bands if self.trial is not None else self.kept_bands
+        if not bands:
             return False  # the whole upload measured faster (or is being timed)
         replayer.cancel_ask()  # the bands are several messages; the run ahead starts after them
         pre = act.prefix
