@@ -207,14 +207,11 @@ class Program:
         values = seg.inputs(session.handles, base, slots)
         if values is None:
             return False
-        if seg.graph is None:
-            if any(self.steps[j].epoch != self.epoch for j in range(seg.start, seg.end)):
-                return False  # (back in its epoch, steps sized since in another: op by op once re-sizes them)
-            session.reserve(seg.new_bytes)  # (tracing runs the steps too)
-            if not seg.trace(values):
-                return False
-        else:
-            session.reserve(seg.new_bytes)
+        if seg.graph is None and any(self.steps[j].epoch != self.epoch for j in range(seg.start, seg.end)):
+            return False  # (back in its epoch, steps sized since in another: op by op once re-sizes them)
+        session.reserve(seg.new_bytes)  # (tracing runs the steps too)
+        if seg.graph is None and not seg.trace(values):
+            return False
         made = [(j, [None if o is None else base + o for o in self.steps[j].outs]) for j in range(seg.start, seg.end)]
         run.made.extend(made)  # (before binding: an error half-way leaves its handles to settle)
         if not seg.run(session, values, base):

@@ -244,11 +244,11 @@ def prefix(chain: Chain, plan: BandPlan, first: int) -> Prefix:
         if robot:
             continue
         bd = band(chain, plan.depth, a, b, nxt)
-        first = len(steps)
+        start = len(steps)
         steps.append({"t": "put"})
         steps += bd.ops
         slices.append((nxt, bd.lo, bd.hi))
-        runs.append((first, len(steps)))
+        runs.append((start, len(steps)))
         parts.append((a, bd.out))
         nxt = bd.end
     server_end = len(steps)
