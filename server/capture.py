@@ -3,9 +3,10 @@
 Run op by op, a replayed step costs ~12 us of Python around its kernel on a CPU server
 (filling its arguments, checking its outputs' layouts, binding its handles): a fifth of
 the keypoint net's run ahead. A segment runs its steps as one call of a traced graph and
-binds their outputs afterwards. The graph calls the same aten kernels in the same order
-(the graph executor's optimisations are off: nothing is fused or folded), so its results
-are bit-equal to the op list's.
+binds their outputs afterwards: those a later step reads at once, the others once the run
+ahead has sent its replies (binding ~300 outputs is ~1 ms of Python). The graph calls the
+same aten kernels in the same order (the graph executor's optimisations are off: nothing is
+fused or folded), so its results are bit-equal to the op list's.
 
 A segment is a stretch of static op steps (their sizes known in this epoch: see
 ``Program``), none random, none uninitialised, none growing an input, whose in-place
@@ -58,7 +59,7 @@ class Unfit(Exception):
 class Segment:
     """Steps ``start`` to ``end - 1`` of a program, one graph call once ``trace`` has run."""
 
-    def __init__(self, start: int, end: int, steps: list):
+    def __init__(self, start: int, end: int, steps: list, read_after: frozenset = frozenset()):
         self.start, self.end = start, end
         self.graph = None
         self.broken = False  # failed or unfit once: op by op for the rest of the epoch
@@ -72,10 +73,17 @@ class Segment:
             a, k = self._template(st.args, fills, made, read), self._template(st.kwargs, fills, made, read)
             self.templates.append((st, a, k))
             made.update(o for o in st.outs if o is not None)
-        # per step: info, (offset, meta, read inside) of each output with an offset
-        self.binds = [(st.info, [(o, m, o in read) for o, m in zip(st.outs, st.metas) if o is not None])
-                      for st, _, _ in self.templates]
+        # per step: info, (offset, meta, read inside) of each output with an offset, where its
+        # outputs start in the graph's, and whether a step after the segment reads one of them
+        self.binds, n = [], 0
+        for st, _, _ in self.templates:
+            mine = [(o, m, o in read) for o, m in zip(st.outs, st.metas) if o is not None]
+            self.binds.append((st.info, mine, n, any(o in read_after for o, _, _ in mine)))
+            n += len(mine)
+        self.made = [(start + k, st.outs) for k, (st, _, _) in enumerate(self.templates)]  # AheadRun.made's
         self.new_bytes = sum(m.new_bytes for st, _, _ in self.templates for m in st.metas)
+        self.later_bytes = sum(m.new_bytes for (st, _, _), b in zip(self.templates, self.binds) if not b[3]
+                               for m in st.metas)
         self.layouts: list = []  # (shape, stride, offset, dtype) of each graph output when traced
 
     def inputs(self, handles: dict, base: int, slots: dict) -> list | None:
@@ -88,7 +96,7 @@ class Segment:
     def trace(self, values: list) -> bool:
         """Trace the steps once on ``values``, this run's inputs (the segment writes none of them)."""
         layouts = self.layouts
-        reads = {o: inside for _, outs in self.binds for o, _, inside in outs}
+        reads = {o: inside for _, outs, _, _ in self.binds for o, _, inside in outs}
         actions: list = []  # per output: what binding it takes, decided on the eager pass
 
         def run(*ins, eager=False):
@@ -128,30 +136,42 @@ class Segment:
             return False
         return True
 
-    def run(self, session, values: list, base: int) -> bool:
-        """Run the graph on ``values`` and bind every output to ``base`` + its offset. False, nothing
-        bound: it failed, or an output is not laid out as when traced (the op list runs it again).
-        The caller has reserved ``new_bytes``."""
+    def run(self, session, values: list, base: int) -> tuple | None:
+        """Run the graph on ``values`` and bind to ``base`` + its offset each output a step after
+        the segment reads; the others wait for ``bind(..., later=True)``, with their bytes held.
+        None, nothing bound: it failed, or an output is not laid out as when traced (the op list
+        runs it again). The caller has reserved ``new_bytes``."""
         try:
             with torch.no_grad():
                 outs = self.graph(*values)
         except Exception:  # noqa: BLE001 - the op list runs it again and reports the step that fails
             self.broken = True
-            return False
+            return None
         if type(outs) is torch.Tensor:
             outs = (outs,)
         for t, (shape, stride, offset, dtype) in zip(outs, self.layouts):
             if t.shape != shape or t.stride() != stride or t.storage_offset() != offset or t.dtype != dtype:
                 self.broken = True
-                return False
-        it = iter(outs)
-        for info, mine in self.binds:
-            session.bind_outputs(info, [next(it) for _ in mine], [base + o for o, _, _ in mine],
-                                 [m for _, m, _ in mine], (), {})
+                return None
+        self.bind(session, outs, base, later=False)
+        session.hold(self.later_bytes)
         global steps_run
         session.ops_run += self.end - self.start
         steps_run += self.end - self.start
-        return True
+        return outs
+
+    def bind(self, session, outs: tuple, base: int, later: bool) -> None:
+        """Bind the outputs a step after the segment reads (``later`` False), or the others.
+
+        Binding ~300 outputs is ~1 ms of Python on a CPU server; outputs no later step reads are
+        bound after the run ahead has sent its replies (``AheadRun.bind_later``), off the
+        inference's critical path, and before the session reads its next message."""
+        if later:
+            session.hold(-self.later_bytes)
+        for info, mine, first, read_after in self.binds:
+            if read_after is not later:
+                session.bind_outputs(info, list(outs[first:first + len(mine)]), [base + o for o, _, _ in mine],
+                                     [m for _, m, _ in mine], (), {})
 
     def _template(self, x, fills: dict, made: set, read: set):
         """``x`` with each hole and tensor replaced by where the graph finds it."""
@@ -185,13 +205,18 @@ def plan(steps: list, epoch: int) -> dict:
     """The segments of a program in this epoch, by first step (not traced yet)."""
     out: dict = {}
     i, n = 0, len(steps)
+    read_from = [frozenset()] * (n + 1)  # per step: the offsets it or a step after it reads
+    for j in range(n - 1, -1, -1):
+        st = steps[j]
+        read_from[j] = read_from[j + 1] | {f.n for _, _, f in st.fills if f.kind == "s"} if st is not None \
+            else read_from[j + 1]
     while i < n:
         j, made = i, set()
         while j < n and _fits(steps[j], epoch, made):
             made.update(o for o in steps[j].outs if o is not None)
             j += 1
         if j - i >= MIN_STEPS:
-            out[i] = Segment(i, j, steps)
+            out[i] = Segment(i, j, steps, read_from[j])
         i = max(j, i + 1)
     return out
 

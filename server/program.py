@@ -212,12 +212,13 @@ class Program:
         session.reserve(seg.new_bytes)  # (tracing runs the steps too)
         if seg.graph is None and not seg.trace(values):
             return False
-        made = [(j, [None if o is None else base + o for o in self.steps[j].outs]) for j in range(seg.start, seg.end)]
-        run.made.extend(made)  # (before binding: an error half-way leaves its handles to settle)
-        if not seg.run(session, values, base):
-            del run.made[-len(made):]
+        run.made.extend(seg.made)  # (before binding: an error half-way leaves its handles to settle)
+        outs = seg.run(session, values, base)
+        if outs is None:
+            del run.made[-len(seg.made):]
             return False
         run.segments.append((seg.start, seg.end))
+        run.unbound.append((seg, outs))
         if seg.start <= self.last_op < seg.end:
             self.timed_runs += 1
         return True
@@ -307,7 +308,7 @@ class Program:
                         if st.writes and not run.keep_old_values(st, session):
                             break
                         outs = [None if o is None else base + o for o in st.outs]
-                        run.made.append((i - 1, outs))
+                        run.made.append((i - 1, st.outs))
                         t0 = clock()
                         session.execute_sized(st.info, st.args, st.kwargs, outs,
                                               st.metas if st.epoch == epoch else self._metas(st, session, epoch))
@@ -336,7 +337,7 @@ class Program:
                     result, made, inputs = session.execute(st.info, st.args, st.kwargs, None, base + st.ob)
                     if self._epoch(session, base, b, slots) != epoch:  # (were it an op that writes a fixed tensor)
                         epoch, segments = self.epoch, {}
-                    run.made.append((i - 1, [base + st.ob + j for j in range(len(made))]))
+                    run.made.append((i - 1, [st.ob + j for j in range(len(made))]))
                     reply = session.named_outputs_reply(result, made, inputs)
                     reply["q"] = next(waits)
                     send(reply, [])
@@ -351,8 +352,11 @@ class Program:
             reply = {"t": "err", "kind": "op_failed",
                      "msg": f"{self.kinds[run.end]} step {run.end} failed on the server: {short_error(e)}"}
         stop = reply if reply is not None and reply.get("t") == "err" else {"stop": run.end}
-        for q in waits:
-            send({**stop, "q": q}, [])
+        try:
+            for q in waits:
+                send({**stop, "q": q}, [])
+        finally:
+            run.bind_later(session)
         return run
 
     def _timed(self, i: int, seconds: float) -> None:
@@ -385,8 +389,9 @@ class Program:
 class AheadRun:
     """What a run ahead did, so that the robot's confirmation can settle it.
 
-    ``made``: (step, output handles) in order; ``undo``: (step, tensor, its old value) for
-    every in-place write; ``end``: the first step not run.
+    ``made``: (step, output offsets from ``base``) in order; ``undo``: (step, tensor, its old
+    value) for every in-place write; ``end``: the first step not run; ``unbound``: (segment,
+    its outputs) whose outputs no later step reads, bound once the replies are sent.
     """
 
     def __init__(self, program: Program, base: int, start: int):
@@ -394,6 +399,7 @@ class AheadRun:
         self.made: list = []
         self.undo: list = []
         self.segments: list = []  # (first step, end) of each captured segment it ran
+        self.unbound: list = []
         self.held = 0  # bytes of the old values kept
 
     def keep_old_values(self, st: ProgramStep, session) -> bool:
@@ -419,12 +425,23 @@ class AheadRun:
         # turn, op by op from its inputs, which it never writes.
         redo = next((first for first, end in self.segments if first < reached < end), None)
         cut = reached if redo is None else redo
-        session.free_handles([h for i, hs in self.made if i >= cut for h in hs if h is not None])
+        base = self.base
+        session.free_handles([base + o for i, offsets in self.made if i >= cut for o in offsets if o is not None])
         if redo is not None:
             self.program.run(session, self.base, redo, reached, slots)
         if reached > self.end:
             self.program.run(session, self.base, self.end, reached, slots)
         self.release(session)
+
+    def bind_later(self, session) -> None:
+        """Bind the segments' outputs left unbound. A handle that cannot be bound (one the robot
+        reused, the session's handle quota) is reported at the robot's next request."""
+        unbound, self.unbound = self.unbound, []
+        for seg, outs in unbound:
+            try:
+                seg.bind(session, outs, self.base, later=True)
+            except OpError as e:
+                session.fail_later(e.kind, str(e))
 
     def release(self, session) -> None:
         self.undo.clear()

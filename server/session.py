@@ -158,6 +158,10 @@ class Session:
             self.error = (kind, msg + " (reported at the next request; ops after it were skipped)")
         return None
 
+    def fail_later(self, kind: str, msg: str) -> None:
+        """An error found after the replies went out: the robot's next request reports it."""
+        self._fail(None, kind, msg)
+
     def _dispatch(self, h: dict, frames: list) -> tuple[dict, list]:
         t = h.get("t")
         cf = h.get("cf")

@@ -372,12 +372,41 @@ def test_a_captured_segment_gives_what_the_op_list_gives(raw):
         x, base = torch.randn(5, 4, generator=g), BASE + 100 * i
         put_ahead(raw, base, x, [6, base, 1, 12, []], [i])
         ((r, f),) = answers(raw, 1)
+        assert "d" in r, r
         assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), chain(x, w)[8]), i
         assert raw.request({"t": "sync", "cf": [6, base, 12, []]}).get("t") != "err"
         for off in (2, 3, 5, 6):  # every output of the segment is bound, in-place writes included
             assert torch.equal(get(raw, base + off), chain(x, w)[off]), (i, off)
     # the first run sizes the steps, the second plans, traces and runs the segment, and so on
     assert captured(raw) - before == 4 * 10, "the segment did not run"
+
+
+def test_a_segment_binds_what_no_later_step_reads_after_its_replies(raw):
+    """Outputs of a segment that no step after it reads are bound once the run's replies are
+    out (off the inference's critical path). A handle the robot already holds there is still
+    refused: the value already sent stands, the robot's next request reports the clash, and the
+    handle keeps its own tensor."""
+    from rrto import codec
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 4, generator=g)
+    put(raw, 7, w)
+    assert register(raw, CHAIN).get("t") != "err"
+    before = captured(raw)
+    for i in range(3):
+        x, base = torch.randn(5, 4, generator=g), BASE + 100 * i
+        mine = torch.full((2,), float(i))
+        if i == 2:  # segment output 3 is bound after the replies: this handle is in its way
+            put(raw, base + 3, mine)
+        put_ahead(raw, base, x, [6, base, 1, 12, []], [i])
+        ((r, f),) = answers(raw, 1)
+        assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), chain(x, w)[8]), i
+        got = raw.request({"t": "sync", "cf": [6, base, 12, []]})
+        if i < 2:
+            assert got.get("t") != "err", got
+            continue
+        assert got.get("t") == "err" and f"handle {base + 3} is already in use" in got.get("msg", ""), got
+        assert torch.equal(get(raw, base + 3), mine)
+    assert captured(raw) - before == 2 * 10, "the segment did not run"
 
 
 def test_layouts_a_program_goes_back_to_keep_their_traced_segment(raw):
