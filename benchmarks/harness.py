@@ -235,6 +235,7 @@ def _run(s: Settings, cleanup: Cleanup) -> dict:
         "server": {**server_info, "threads": server_threads},
         "link_emulation": net.label if net.kind == "netns" else f"userspace relay ({net.reason})",
         "link_emulation_kind": net.kind,
+        "relay_priority": net.relay_priority,  # "real-time" unless the relay could not get it
         "namespaces": [net.robot_ns, net.server_ns] if net.kind == "netns" else [],
         "robot": {**cpu.describe(), **cores.describe()},
         "settings": {"frames": s.frames, "warmup": s.warmup, "repeats": s.repeats, "server_device": s.server_device,

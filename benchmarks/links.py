@@ -146,8 +146,9 @@ def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
 
 def start_relay(prefix: list[str], targets: dict[str, tuple[str, int]], rtt_ms: float,
                 rate_mbit: float | None = None, trace: str | None = None) -> tuple[subprocess.Popen, dict]:
-    """A relay process (run under ``prefix``) with one loopback port per target."""
-    cmd = [*prefix, sys.executable, "-m", "benchmarks.relay", "--rtt-ms", str(rtt_ms)]
+    """A relay process (run under ``prefix``), at real-time priority where allowed, with one
+    loopback port per target; returns it, where the robot reaches each target, and its priority."""
+    cmd = [*prefix, sys.executable, "-m", "benchmarks.relay", "--rtt-ms", str(rtt_ms), "--realtime"]
     if trace:
         cmd += ["--trace", trace]
     elif rate_mbit:
@@ -155,8 +156,8 @@ def start_relay(prefix: list[str], targets: dict[str, tuple[str, int]], rtt_ms: 
     names = list(targets)
     for n in names:
         cmd += ["--map", f"127.0.0.1:0={targets[n][0]}:{targets[n][1]}"]
-    proc, found = start_ready(cmd, r"relay ([\d.]+):(\d+) ->", len(names), timeout=30)
-    return proc, {n: (m.group(1), int(m.group(2))) for n, m in zip(names, found)}
+    proc, found = start_ready(cmd, r"relay ([\d.]+):(\d+) -> \S+ \((.*)\)", len(names), timeout=30)
+    return proc, {n: (m.group(1), int(m.group(2))) for n, m in zip(names, found)}, found[0].group(3)
 
 
 # -- the two ways to emulate the link ----------------------------------------------------------
@@ -172,6 +173,7 @@ class NetnsNetwork:
         tag = prefix.rsplit("-", 1)[-1][-9:]
         self.robot_dev, self.server_dev = f"rb{tag}r", f"rb{tag}s"  # interface names: 15 characters at most
         self.relay: subprocess.Popen | None = None
+        self.relay_priority: str | None = None  # the delay relay's scheduling, once one ran
         self.player: TracePlayer | None = None
         self.created: list[str] = []
         try:
@@ -207,7 +209,8 @@ class NetnsNetwork:
             if link.kind == "trace":
                 self.player = TracePlayer(link.trace, self.set_rate)
         if link.rtt_ms > 0:
-            self.relay, targets = start_relay(["ip", "netns", "exec", self.robot_ns], targets, link.rtt_ms)
+            self.relay, targets, self.relay_priority = start_relay(["ip", "netns", "exec", self.robot_ns], targets,
+                                                                   link.rtt_ms)
         return targets
 
     def set_rate(self, rate_mbit: float, verb: str = "change") -> None:
@@ -247,6 +250,7 @@ class UserspaceNetwork:
     def __init__(self, reason: str):
         self.reason = reason
         self.relay: subprocess.Popen | None = None
+        self.relay_priority: str | None = None
 
     def server_cmd(self, cmd: list[str]) -> list[str]:
         return cmd
@@ -257,8 +261,8 @@ class UserspaceNetwork:
         self.release()
         if link.kind == "lan":
             return targets
-        self.relay, targets = start_relay([], targets, link.rtt_ms, link.rate_mbit if link.kind == "fixed" else None,
-                                          link.trace)
+        self.relay, targets, self.relay_priority = start_relay(
+            [], targets, link.rtt_ms, link.rate_mbit if link.kind == "fixed" else None, link.trace)
         return targets
 
     def restart_trace(self) -> None:
