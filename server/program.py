@@ -442,6 +442,9 @@ class AheadRun:
                 seg.bind(session, outs, self.base, later=True)
             except OpError as e:
                 session.fail_later(e.kind, str(e))
+            except Exception as e:  # noqa: BLE001 - after the replies: the session must serve on
+                session.fail_later("op_failed", f"binding the outputs of steps {seg.start}..{seg.end - 1} "
+                                                f"failed on the server: {short_error(e)}")
 
     def release(self, session) -> None:
         self.undo.clear()
