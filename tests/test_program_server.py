@@ -361,19 +361,29 @@ def captured(raw) -> int:
     return raw.request({"t": "stats"})["captured_steps"]
 
 
-def test_a_captured_segment_gives_what_the_op_list_gives(raw):
-    from rrto import codec
-    g = torch.Generator().manual_seed(1)
+def chain_registered(raw, seed: int) -> tuple:
+    """CHAIN registered with a random weight: (generator, weight, captured steps so far)."""
+    g = torch.Generator().manual_seed(seed)
     w = torch.randn(6, 4, generator=g)
     put(raw, 7, w)
     assert register(raw, CHAIN).get("t") != "err"
-    before = captured(raw)
+    return g, w, captured(raw)
+
+
+def chain_ahead(raw, x: torch.Tensor, w: torch.Tensor, base: int, q: int) -> None:
+    """Upload ``x`` at ``base`` and run CHAIN ahead: its download must be what op by op gives."""
+    from rrto import codec
+    put_ahead(raw, base, x, [6, base, 1, 12, []], [q])
+    ((r, f),) = answers(raw, 1)
+    assert "d" in r, r
+    assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), chain(x, w)[8]), q
+
+
+def test_a_captured_segment_gives_what_the_op_list_gives(raw):
+    g, w, before = chain_registered(raw, 1)
     for i in range(5):
         x, base = torch.randn(5, 4, generator=g), BASE + 100 * i
-        put_ahead(raw, base, x, [6, base, 1, 12, []], [i])
-        ((r, f),) = answers(raw, 1)
-        assert "d" in r, r
-        assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), chain(x, w)[8]), i
+        chain_ahead(raw, x, w, base, i)
         assert raw.request({"t": "sync", "cf": [6, base, 12, []]}).get("t") != "err"
         for off in (2, 3, 5, 6):  # every output of the segment is bound, in-place writes included
             assert torch.equal(get(raw, base + off), chain(x, w)[off]), (i, off)
@@ -386,20 +396,13 @@ def test_a_segment_binds_what_no_later_step_reads_after_its_replies(raw):
     out (off the inference's critical path). A handle the robot already holds there is still
     refused: the value already sent stands, the robot's next request reports the clash, and the
     handle keeps its own tensor."""
-    from rrto import codec
-    g = torch.Generator().manual_seed(2)
-    w = torch.randn(6, 4, generator=g)
-    put(raw, 7, w)
-    assert register(raw, CHAIN).get("t") != "err"
-    before = captured(raw)
+    g, w, before = chain_registered(raw, 2)
     for i in range(3):
         x, base = torch.randn(5, 4, generator=g), BASE + 100 * i
         mine = torch.full((2,), float(i))
         if i == 2:  # segment output 3 is bound after the replies: this handle is in its way
             put(raw, base + 3, mine)
-        put_ahead(raw, base, x, [6, base, 1, 12, []], [i])
-        ((r, f),) = answers(raw, 1)
-        assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), chain(x, w)[8]), i
+        chain_ahead(raw, x, w, base, i)
         got = raw.request({"t": "sync", "cf": [6, base, 12, []]})
         if i < 2:
             assert got.get("t") != "err", got
