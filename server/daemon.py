@@ -311,9 +311,9 @@ def bound_heap_growth(mmap_mb: int = 1) -> None:
     Every session thread allocates from one arena, the main heap. Each thread used to get
     an arena of its own, made of 64 MiB heaps, and a new session's thread inherited a
     finished one's: a server that had served other models ran the 3-D net's frame in
-    45-46 ms against 36-37 on a fresh server (its 28 MiB im2col buffers no longer fit a
-    heap's top, so each came from a fresh heap, zero-filled page by page). With one arena:
-    36 ms after the same history. The shared arena's lock is taken a few times per op, for
+    45-46 ms against 36-37 on a fresh server (likely its 28 MiB im2col buffers landing in
+    fresh heaps: slow runs were seen with up to 17k page faults). With one arena: 36 ms
+    after the same history. The shared arena's lock is taken a few times per op, for
     microseconds: robots served at once on a CPU server wait on their kernels, not on it.
     """
     if _glibc is not None:
