@@ -160,7 +160,9 @@ class Session:
 
     def fail_later(self, kind: str, msg: str) -> None:
         """An error found after the replies went out: the robot's next request reports it."""
-        self._fail(None, kind, msg)
+        log.debug("session %s: %s", self.token[:8], msg)
+        if self.error is None:  # (nothing was skipped: the run's replies had all gone out)
+            self.error = (kind, msg + " (found after the run's replies; reported at the next request)")
 
     def _dispatch(self, h: dict, frames: list) -> tuple[dict, list]:
         t = h.get("t")
