@@ -145,7 +145,7 @@ def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
 
 
 def start_relay(prefix: list[str], targets: dict[str, tuple[str, int]], rtt_ms: float,
-                rate_mbit: float | None = None, trace: str | None = None) -> tuple[subprocess.Popen, dict]:
+                rate_mbit: float | None = None, trace: str | None = None) -> tuple[subprocess.Popen, dict, str]:
     """A relay process (run under ``prefix``), at real-time priority where allowed, with one
     loopback port per target; returns it, where the robot reaches each target, and its priority."""
     cmd = [*prefix, sys.executable, "-m", "benchmarks.relay", "--rtt-ms", str(rtt_ms), "--realtime"]

@@ -34,7 +34,7 @@ import threading
 import time
 
 CHUNK = 64 * 1024
-REALTIME_PRIORITY = 50  # SCHED_FIFO: above every normal process, below the kernel's own threaded IRQs
+REALTIME_PRIORITY = 50  # SCHED_FIFO: above every normal process, level with the kernel's threaded IRQs
 PIECE = 16 * 1024  # shaped writes go out in pieces no larger than this, so pacing stays smooth
 
 
