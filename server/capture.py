@@ -9,12 +9,16 @@ same aten kernels in the same order (the graph executor's optimisations are off:
 fused or folded), so its results are bit-equal to the op list's.
 
 A segment is a stretch of static op steps (their sizes known in this epoch: see
-``Program``), none random, none uninitialised, none growing an input, whose in-place
-writes hit only tensors made inside it and sharing no storage with its inputs. So a
-segment never writes its inputs: where it fails, or where the robot settles short of its
-end, its steps are simply run again op by op from the same inputs (``Program.run``).
-Each output is checked each run against the layout it had when traced; a step inside
-reads an output in the layout the op list would give it (``Session.bind_outputs``).
+``Program``), none random, none handing out memory with gaps, whose in-place writes (an
+``out=`` tensor grown included) hit only tensors made inside it and sharing no storage with
+its inputs. So a segment never writes its inputs: where it fails, or where the robot
+settles short of its end, its steps are simply run again op by op from the same inputs
+(``Program.run``). Each output is checked each run against the layout it had when
+traced; a step inside reads an output in the layout the op list would give it
+(``Session.bind_outputs``). An uninitialised output (``empty``, then an ``out=`` op grows
+and fills it: ``arange``'s way) is zeroed inside the graph where it is made, as the op
+list zeroes it at binding, and is bound as grown; a stretch would otherwise end at each
+(the keypoint net's grid ``arange``s cut its program in four).
 On a CUDA server this is where a CUDA graph would be captured instead; there the op list
 still runs (not measured on a GPU yet).
 """
@@ -67,17 +71,23 @@ class Segment:
         self._index: dict = {}
         made: set = set()
         read: set = set()
+        grown: dict = {}  # offset -> its layout once a later step grew it (``arange``'s out= tensor)
         self.templates = []
         for st in steps[start:end]:
             fills = {(id(box), where): f for box, where, f in st.fills}
             a, k = self._template(st.args, fills, made, read), self._template(st.kwargs, fills, made, read)
             self.templates.append((st, a, k))
             made.update(o for o in st.outs if o is not None)
+            if st.metas[0].grows_input if st.metas else False:  # (``_fits``: one out= tensor, made here)
+                ((box, where),) = st.writes
+                grown[fills[(id(st.args if box == "a" else st.kwargs), where)].n] = \
+                    st.metas[0]._replace(grows_input=False)
         # per step: info, (offset, meta, read inside) of each output with an offset, where its
         # outputs start in the graph's, and whether a step after the segment reads one of them
+        self.grown = frozenset(grown)
         self.binds, n = [], 0
         for st, _, _ in self.templates:
-            mine = [(o, m, o in read) for o, m in zip(st.outs, st.metas) if o is not None]
+            mine = [(o, grown.get(o, m), o in read) for o, m in zip(st.outs, st.metas) if o is not None]
             self.binds.append((st.info, mine, n, any(o in read_after for o, _, _ in mine)))
             n += len(mine)
         self.made = [(start + k, st.outs) for k, (st, _, _) in enumerate(self.templates)]  # AheadRun.made's
@@ -112,16 +122,23 @@ class Segment:
                 flat = flat_tensors(st.info.op(*args, **kwargs), [])
                 if len(flat) != len(st.outs):
                     raise Unfit("output count")
+                if st.info.uninitialised:  # zeroed as made: no robot reads what was in that memory
+                    for t in flat:
+                        if eager and (t.storage_offset() or t.untyped_storage().nbytes() != t.nbytes):
+                            raise Unfit("uninitialised memory the tensor does not cover")
+                        t.zero_()
                 for o, t, m in zip(st.outs, flat, st.metas):
                     if o is None:
                         continue
                     if eager:
                         actions.append(_binding(t, m, reads[o], args, kwargs))
+                        if o in self.grown and actions[-1] is not None:
+                            raise Unfit("a step grows an output bound as a copy or a view")
                     bound, inside = _apply(actions[len(outs)] if eager else next(todo), t, m, reads[o])
-                    if eager:
-                        layouts.append((bound.shape, bound.stride(), bound.storage_offset(), bound.dtype))
                     outs.append(bound)
                     made[o] = inside
+            if eager:  # as the graph returns them: an out= tensor a later step grew, grown
+                layouts.extend((t.shape, t.stride(), t.storage_offset(), t.dtype) for t in outs)
             return tuple(outs)
 
         # Sizes asked of a tensor while tracing are traced values: decide and note layouts on an
@@ -171,7 +188,7 @@ class Segment:
         for info, mine, first, read_after in self.binds:
             if read_after is not later:
                 session.bind_outputs(info, list(outs[first:first + len(mine)]), [base + o for o, _, _ in mine],
-                                     [m for _, m, _ in mine], (), {})
+                                     [m for _, m, _ in mine], (), {}, zeroed=True)
 
     def _template(self, x, fills: dict, made: set, read: set):
         """``x`` with each hole and tensor replaced by where the graph finds it."""
@@ -225,14 +242,21 @@ def _fits(st, epoch: int, made: set) -> bool:
     if st is None or st.kind != "op" or not st.static or st.epoch != epoch or st.metas is None:
         return False
     info = st.info
-    if info.generator_arg or info.uninitialised or info.data_dependent or st.writes_fixed:
+    if info.generator_arg or info.data_dependent or st.writes_fixed:
         return False
-    if len(st.metas) != len(st.outs) or any(m.grows_input for m in st.metas):
+    if len(st.metas) != len(st.outs):
         return False
+    grows = any(m.grows_input for m in st.metas)
+    if grows and (len(st.metas) != 1 or len(st.writes) != 1):
+        return False  # one out= tensor grown (``arange`` into its empty): ``Segment`` binds it grown
+    if info.uninitialised and not all(codec.is_dense(m.shape, m.stride) for m in st.metas):
+        return False  # gaps zero_() would not reach (the op list zeroes the whole storage)
     fills = {(id(box), where): f for box, where, f in st.fills}
     for box, where in st.writes:  # in place only into what this stretch made
         holder = st.args if box == "a" else st.kwargs
         if box == "a" and where >= len(holder) or box == "k" and where not in holder or holder[where] is None:
+            if grows:
+                return False
             continue
         f = fills.get((id(holder), where))
         if f is None or f.kind != "s" or f.n not in made:

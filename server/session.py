@@ -308,9 +308,12 @@ class Session:
         self.bind_outputs(info, outs, handles, None if named_base is not None else metas, args, kwargs)
         return result, outs, inputs
 
-    def bind_outputs(self, info: OpInfo, outs: list, handles: list, metas: list | None, args, kwargs) -> None:
+    def bind_outputs(self, info: OpInfo, outs: list, handles: list, metas: list | None, args, kwargs,
+                     zeroed: bool = False) -> None:
         """Bind an op's output tensors to ``handles``, each first made to the layout ``metas``
-        promised the robot (``outs`` updated in place); ``args``/``kwargs``: the op's arguments."""
+        promised the robot (``outs`` updated in place); ``args``/``kwargs``: the op's arguments.
+        ``zeroed``: uninitialised outputs were zeroed where they were made (a captured segment,
+        whose later steps may have written them since)."""
         if metas is not None:  # the robot predicted these outputs: hold it to that
             for j, (t, m) in enumerate(zip(outs, metas)):
                 if t.dtype != m.dtype or t.shape != m.shape or t.stride() != m.stride or m.grows_input:
@@ -323,7 +326,7 @@ class Session:
             if isinstance(t, str):
                 self._unusable(hd, t)
             else:
-                if info.uninitialised:
+                if info.uninitialised and not zeroed:
                     t.untyped_storage().fill_(0)  # all of it: strides with gaps leave bytes unseen
                 self._bind(hd, t)
 

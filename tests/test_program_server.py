@@ -412,6 +412,48 @@ def test_a_segment_binds_what_no_later_step_reads_after_its_replies(raw):
     assert captured(raw) - before == 2 * 10, "the segment did not run"
 
 
+ON_DEVICE = {"dtype": {"dt": "float32"}, "device": {"dev": "r"}}
+GRID = {  # torch.arange on a device: an empty tensor that arange.out grows; one segment all the same
+    "p": 7,
+    "steps": [
+        {"t": "put", "o": [0]},
+        {"t": "op", "op": "aten::linear.default", "a": [{"s": 0}, {"h": 7}], "o": [1]},  # 1: (5, 4)
+        {"t": "op", "op": "aten::empty.memory_format", "a": [[0]], "k": ON_DEVICE, "o": [2]},  # 2
+        {"t": "op", "op": "aten::arange.start_out", "a": [0, 4, 1], "k": {"out": {"s": 2}}, "o": [None]},  # 3
+        {"t": "op", "op": "aten::add.Tensor", "a": [{"s": 1}, {"s": 2}], "o": [3]},  # 4
+        {"t": "op", "op": "aten::empty.memory_format", "a": [[4]], "k": ON_DEVICE, "o": [4]},  # 5: never written
+        {"t": "op", "op": "aten::relu.default", "a": [{"s": 3}], "o": [5]},  # 6
+        {"t": "op", "op": "aten::empty.memory_format", "a": [[4]], "k": ON_DEVICE, "o": [6]},  # 7
+        {"t": "op", "op": "aten::arange.start_out", "a": [4, 8, 1], "k": {"out": {"s": 6}}, "o": [None]},  # 8
+        {"t": "op", "op": "aten::mul.Tensor", "a": [{"s": 5}, {"s": 6}], "o": [7]},  # 9
+        {"t": "op", "op": "aten::sub.Tensor", "a": [{"s": 7}, {"s": 4}], "o": [8]},  # 10
+        {"t": "get", "a": [{"s": 8}]},
+    ],
+}
+
+
+def test_uninitialised_steps_join_a_segment_zeroed_as_the_op_list_zeroes_them(raw):
+    """``empty`` hands out memory another session may have used: op by op it is zeroed at
+    binding. Inside a segment it is zeroed where it is made, so what a later step wrote into
+    it stays, what nobody wrote reads back as zeros, and what ``arange`` grew is bound grown."""
+    from rrto import codec
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 4, generator=g)
+    put(raw, 7, w)
+    assert register(raw, GRID).get("t") != "err"
+    before = captured(raw)
+    for i in range(4):
+        x, base = torch.randn(5, 4, generator=g), BASE + 100 * i
+        put_ahead(raw, base, x, [7, base, 1, 12, []], [i])
+        ((r, f),) = answers(raw, 1)
+        y = torch.relu(torch.nn.functional.linear(x, w) + torch.arange(4.0)) * torch.arange(4.0, 8.0)
+        assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), y), i
+        assert raw.request({"t": "sync", "cf": [7, base, 12, []]}).get("t") != "err"
+        assert torch.equal(get(raw, base + 2), torch.arange(4.0)), i  # grown and written after it was made
+        assert torch.equal(get(raw, base + 4), torch.zeros(4)), i  # never written
+    assert captured(raw) - before == 3 * 10, "the steps did not run as one segment"
+
+
 def test_layouts_a_program_goes_back_to_keep_their_traced_segment(raw):
     """Inputs of one shape, then another, then the first again (lop's plan trial: bands, then
     whole uploads): back on the first, its segment runs from the first run, as traced before."""
