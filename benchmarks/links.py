@@ -215,7 +215,10 @@ class NetnsNetwork:
 
     def set_rate(self, rate_mbit: float, verb: str = "change") -> None:
         rate_mbit = max(rate_mbit, 0.05) * WIRE_PER_PAYLOAD
-        burst = max(32 * 1024, int(rate_mbit * 1e6 / 8 * 0.002))  # >= 2 ms of traffic, and a few packets
+        # A few packets, or 0.25 ms at the rate: a link that idled lets no more than that through
+        # unpaced. 32 kB was 2.4 ms of 93 Mbit/s free to every whole upload after a gap, which
+        # bands sent back to back never got, and it made lop's link estimate read 127-135 Mbit/s.
+        burst = max(3 * 1514, int(rate_mbit * 1e6 / 8 * 0.00025))
         for ns, dev in self._sides():
             subprocess.run(["tc", "-n", ns, "qdisc", verb, "dev", dev, "root", "tbf", "rate", f"{rate_mbit:.3f}mbit",
                             "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms"], check=True, capture_output=True)
