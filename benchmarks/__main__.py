@@ -23,7 +23,7 @@ from .workloads import parse_workload
 QUICK = {"models": "mobilenet_v2:96", "links": "lan,fixed:100mbit,10ms", "modes": "local,eager,direct",
          "frames": 4, "warmup": 2, "repeats": 1}
 DEFAULTS = {"models": "resnet18", "links": "lan,indoor,fixed:93mbit,4ms", "modes": ",".join(MODE_ORDER),
-            "frames": 20, "warmup": 3, "repeats": 3}
+            "frames": 20, "warmup": 8, "repeats": 3}
 
 EPILOG = """\
 models: resnet18, resnet50, vgg11, mobilenet_v2 (camera_loop.py, optional :SIZE), keypoint[:HxW]
@@ -58,7 +58,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"smoke preset, < 2 min on 2 cores: {QUICK['models']}, {QUICK['links']}, {QUICK['modes']}, "
                         f"{QUICK['frames']} frames; explicit options still win")
     p.add_argument("--frames", type=int, help="measured frames per run (default 20)")
-    p.add_argument("--warmup", type=int, help="frames run first and not measured (default 3)")
+    p.add_argument("--warmup", type=int, help="frames run first and not measured (default 8: replay records, "
+                   "registers and traces its program in its 4th-6th frames)")
     p.add_argument("--repeats", type=int, help="runs per mode, model and link, interleaved (default 3)")
     p.add_argument("--robot-cpu", type=float, default=1.0, metavar="CORES",
                    help="the robot process's CPU quota in cores, e.g. 0.5; 0: no limit (default %(default)s)")

@@ -48,7 +48,7 @@ class Settings:
     modes: list[str]
     out: Path
     frames: int = 20
-    warmup: int = 3
+    warmup: int = 8
     repeats: int = 3
     robot_cpu: float | None = 1.0
     server_device: str = "auto"
