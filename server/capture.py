@@ -78,13 +78,13 @@ class Segment:
             a, k = self._template(st.args, fills, made, read), self._template(st.kwargs, fills, made, read)
             self.templates.append((st, a, k))
             made.update(o for o in st.outs if o is not None)
-            if st.metas[0].grows_input if st.metas else False:  # (``_fits``: one out= tensor, made here)
+            if st.metas and st.metas[0].grows_input:  # (``_fits``: its one out= tensor, made here)
                 ((box, where),) = st.writes
                 grown[fills[(id(st.args if box == "a" else st.kwargs), where)].n] = \
                     st.metas[0]._replace(grows_input=False)
+        self.grown = frozenset(grown)
         # per step: info, (offset, meta, read inside) of each output with an offset, where its
         # outputs start in the graph's, and whether a step after the segment reads one of them
-        self.grown = frozenset(grown)
         self.binds, n = [], 0
         for st, _, _ in self.templates:
             mine = [(o, grown.get(o, m), o in read) for o, m in zip(st.outs, st.metas) if o is not None]
