@@ -72,6 +72,7 @@ class Segment:
         made: set = set()
         read: set = set()
         grown: dict = {}  # offset -> its layout once a later step grew it (``arange``'s out= tensor)
+        self._grows: dict = {}  # index of a step inside -> the offset it grows
         self.templates = []
         for st in steps[start:end]:
             fills = {(id(box), where): f for box, where, f in st.fills}
@@ -80,8 +81,8 @@ class Segment:
             made.update(o for o in st.outs if o is not None)
             if st.metas and st.metas[0].grows_input:  # (``_fits``: its one out= tensor, made here)
                 ((box, where),) = st.writes
-                grown[fills[(id(st.args if box == "a" else st.kwargs), where)].n] = \
-                    st.metas[0]._replace(grows_input=False)
+                n = self._grows[len(self.templates) - 1] = fills[(id(st.args if box == "a" else st.kwargs), where)].n
+                grown[n] = st.metas[0]._replace(grows_input=False)
         self.grown = frozenset(grown)
         # per step: info, (offset, meta, read inside) of each output with an offset, where its
         # outputs start in the graph's, and whether a step after the segment reads one of them
@@ -113,8 +114,9 @@ class Segment:
             own = {t.untyped_storage()._cdata for t in ins} if eager else ()
             made: dict = {}
             outs = []
+            at: dict = {}  # offset -> where in ``outs`` (the eager pass)
             todo = iter(actions)
-            for st, a, k in self.templates:
+            for j, (st, a, k) in enumerate(self.templates):
                 args, kwargs = _fill(a, ins, made), _fill(k, ins, made)
                 for t in written_args(args, kwargs, st.writes) if eager else ():
                     if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata in own:
@@ -135,10 +137,14 @@ class Segment:
                         if o in self.grown and actions[-1] is not None:
                             raise Unfit("a step grows an output bound as a copy or a view")
                     bound, inside = _apply(actions[len(outs)] if eager else next(todo), t, m, reads[o])
+                    if eager:
+                        at[o] = len(outs)
+                        layouts.append((bound.shape, bound.stride(), bound.storage_offset(), bound.dtype))
                     outs.append(bound)
                     made[o] = inside
-            if eager:  # as the graph returns them: an out= tensor a later step grew, grown
-                layouts.extend((t.shape, t.stride(), t.storage_offset(), t.dtype) for t in outs)
+                if eager and j in self._grows:  # its out= tensor as grown here (later changes: unfit at run)
+                    i = at[self._grows[j]]
+                    layouts[i] = (outs[i].shape, outs[i].stride(), outs[i].storage_offset(), outs[i].dtype)
             return tuple(outs)
 
         # Sizes asked of a tensor while tracing are traced values: decide and note layouts on an

@@ -454,6 +454,42 @@ def test_uninitialised_steps_join_a_segment_zeroed_as_the_op_list_zeroes_them(ra
     assert captured(raw) - before == 3 * 10, "the steps did not run as one segment"
 
 
+RESHAPED = {  # an output reshaped in place by a later step (unsqueeze_): bound as op by op leaves it
+    "p": 8,
+    "steps": [
+        {"t": "put", "o": [0]},
+        {"t": "op", "op": "aten::linear.default", "a": [{"s": 0}, {"h": 7}], "o": [1]},  # 1: (5, 6)
+        {"t": "op", "op": "aten::add.Scalar", "a": [{"s": 1}, 1], "o": [2]},  # 2
+        {"t": "op", "op": "aten::unsqueeze_.default", "a": [{"s": 2}, 0], "o": [None]},  # 3: 2 is (1, 5, 6)
+        {"t": "op", "op": "aten::mul.Scalar", "a": [{"s": 2}, 3], "o": [3]},  # 4
+        {"t": "op", "op": "aten::tanh.default", "a": [{"s": 3}], "o": [4]},  # 5
+        {"t": "op", "op": "aten::add.Tensor", "a": [{"s": 4}, {"s": 2}], "o": [5]},  # 6
+        {"t": "op", "op": "aten::neg.default", "a": [{"s": 5}], "o": [6]},  # 7
+        {"t": "op", "op": "aten::sub.Tensor", "a": [{"s": 6}, {"s": 3}], "o": [7]},  # 8
+        {"t": "op", "op": "aten::relu.default", "a": [{"s": 7}], "o": [8]},  # 9
+        {"t": "get", "a": [{"s": 8}]},
+    ],
+}
+
+
+def test_an_output_a_later_step_reshapes_in_place_is_bound_as_the_op_list_binds_it(raw):
+    from rrto import codec
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(6, 4, generator=g)
+    put(raw, 7, w)
+    assert register(raw, RESHAPED).get("t") != "err"
+    for i in range(4):
+        x, base = torch.randn(5, 4, generator=g), BASE + 100 * i
+        put_ahead(raw, base, x, [8, base, 1, 11, []], [i])
+        ((r, f),) = answers(raw, 1)
+        v2 = (torch.nn.functional.linear(x, w) + 1).unsqueeze(0)
+        v3 = v2 * 3
+        y = torch.relu(-(torch.tanh(v3) + v2) - v3)
+        assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), y), i
+        assert raw.request({"t": "sync", "cf": [8, base, 11, []]}).get("t") != "err"
+        assert torch.equal(get(raw, base + 2), v2), i
+
+
 def test_layouts_a_program_goes_back_to_keep_their_traced_segment(raw):
     """Inputs of one shape, then another, then the first again (lop's plan trial: bands, then
     whole uploads): back on the first, its segment runs from the first run, as traced before."""
