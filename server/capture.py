@@ -83,7 +83,6 @@ class Segment:
                 ((box, where),) = st.writes
                 n = self._grows[len(self.templates) - 1] = fills[(id(st.args if box == "a" else st.kwargs), where)].n
                 grown[n] = st.metas[0]._replace(grows_input=False)
-        self.grown = frozenset(grown)
         # per step: info, (offset, meta, read inside) of each output with an offset, where its
         # outputs start in the graph's, and whether a step after the segment reads one of them
         self.binds, n = [], 0
@@ -108,6 +107,7 @@ class Segment:
         """Trace the steps once on ``values``, this run's inputs (the segment writes none of them)."""
         layouts = self.layouts
         reads = {o: inside for _, outs, _, _ in self.binds for o, _, inside in outs}
+        grown = set(self._grows.values())
         actions: list = []  # per output: what binding it takes, decided on the eager pass
 
         def run(*ins, eager=False):
@@ -134,17 +134,17 @@ class Segment:
                         continue
                     if eager:
                         actions.append(_binding(t, m, reads[o], args, kwargs))
-                        if o in self.grown and actions[-1] is not None:
+                        if o in grown and actions[-1] is not None:
                             raise Unfit("a step grows an output bound as a copy or a view")
                     bound, inside = _apply(actions[len(outs)] if eager else next(todo), t, m, reads[o])
                     if eager:
                         at[o] = len(outs)
-                        layouts.append((bound.shape, bound.stride(), bound.storage_offset(), bound.dtype))
+                        layouts.append(_layout(bound))
                     outs.append(bound)
                     made[o] = inside
                 if eager and j in self._grows:  # its out= tensor as grown here (later changes: unfit at run)
                     i = at[self._grows[j]]
-                    layouts[i] = (outs[i].shape, outs[i].stride(), outs[i].storage_offset(), outs[i].dtype)
+                    layouts[i] = _layout(outs[i])
             return tuple(outs)
 
         # Sizes asked of a tensor while tracing are traced values: decide and note layouts on an
@@ -300,6 +300,10 @@ def _apply(how, t: torch.Tensor, m, read_inside: bool) -> tuple:
         out.copy_(t)
         return out, out
     return t, (t.as_strided(m.shape, m.stride, how) if read_inside else t)
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.storage_offset(), t.dtype
 
 
 def _fill(x, ins: tuple, made: dict):
