@@ -370,13 +370,24 @@ def chain_registered(raw, seed: int) -> tuple:
     return g, w, captured(raw)
 
 
-def chain_ahead(raw, x: torch.Tensor, w: torch.Tensor, base: int, q: int) -> None:
-    """Upload ``x`` at ``base`` and run CHAIN ahead: its download must be what op by op gives."""
+def ahead_to_end(raw, program: dict, x: torch.Tensor, base: int, q: int) -> torch.Tensor:
+    """Upload ``x`` at ``base`` and run ``program`` ahead to its end: the download it answers."""
     from rrto import codec
-    put_ahead(raw, base, x, [6, base, 1, 12, []], [q])
+    end = len(program["steps"])
+    put_ahead(raw, base, x, [program["p"], base, 1, end, []], [q])
     ((r, f),) = answers(raw, 1)
     assert "d" in r, r
-    assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), chain(x, w)[8]), q
+    return codec.frame_tensor(r["d"], f[0], 1 << 30)
+
+
+def settle_at_end(raw, program: dict, base: int) -> None:
+    """Confirm the run ahead at ``base`` to the program's end."""
+    assert raw.request({"t": "sync", "cf": [program["p"], base, len(program["steps"]), []]}).get("t") != "err"
+
+
+def chain_ahead(raw, x: torch.Tensor, w: torch.Tensor, base: int, q: int) -> None:
+    """Upload ``x`` at ``base`` and run CHAIN ahead: its download must be what op by op gives."""
+    assert torch.equal(ahead_to_end(raw, CHAIN, x, base, q), chain(x, w)[8]), q
 
 
 def test_a_captured_segment_gives_what_the_op_list_gives(raw):
@@ -384,7 +395,7 @@ def test_a_captured_segment_gives_what_the_op_list_gives(raw):
     for i in range(5):
         x, base = torch.randn(5, 4, generator=g), BASE + 100 * i
         chain_ahead(raw, x, w, base, i)
-        assert raw.request({"t": "sync", "cf": [6, base, 12, []]}).get("t") != "err"
+        settle_at_end(raw, CHAIN, base)
         for off in (2, 3, 5, 6):  # every output of the segment is bound, in-place writes included
             assert torch.equal(get(raw, base + off), chain(x, w)[off]), (i, off)
     # the first run sizes the steps, the second plans, traces and runs the segment, and so on
@@ -436,7 +447,6 @@ def test_uninitialised_steps_join_a_segment_zeroed_as_the_op_list_zeroes_them(ra
     """``empty`` hands out memory another session may have used: op by op it is zeroed at
     binding. Inside a segment it is zeroed where it is made, so what a later step wrote into
     it stays, what nobody wrote reads back as zeros, and what ``arange`` grew is bound grown."""
-    from rrto import codec
     g = torch.Generator().manual_seed(5)
     w = torch.randn(4, 4, generator=g)
     put(raw, 7, w)
@@ -444,11 +454,9 @@ def test_uninitialised_steps_join_a_segment_zeroed_as_the_op_list_zeroes_them(ra
     before = captured(raw)
     for i in range(4):
         x, base = torch.randn(5, 4, generator=g), BASE + 100 * i
-        put_ahead(raw, base, x, [7, base, 1, 12, []], [i])
-        ((r, f),) = answers(raw, 1)
         y = torch.relu(torch.nn.functional.linear(x, w) + torch.arange(4.0)) * torch.arange(4.0, 8.0)
-        assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), y), i
-        assert raw.request({"t": "sync", "cf": [7, base, 12, []]}).get("t") != "err"
+        assert torch.equal(ahead_to_end(raw, GRID, x, base, i), y), i
+        settle_at_end(raw, GRID, base)
         assert torch.equal(get(raw, base + 2), torch.arange(4.0)), i  # grown and written after it was made
         assert torch.equal(get(raw, base + 4), torch.zeros(4)), i  # never written
     assert captured(raw) - before == 3 * 10, "the steps did not run as one segment"
@@ -473,27 +481,23 @@ RESHAPED = {  # an output reshaped in place by a later step (unsqueeze_): bound 
 
 
 def test_an_output_a_later_step_reshapes_in_place_is_bound_as_the_op_list_binds_it(raw):
-    from rrto import codec
     g = torch.Generator().manual_seed(7)
     w = torch.randn(6, 4, generator=g)
     put(raw, 7, w)
     assert register(raw, RESHAPED).get("t") != "err"
     for i in range(4):
         x, base = torch.randn(5, 4, generator=g), BASE + 100 * i
-        put_ahead(raw, base, x, [8, base, 1, 11, []], [i])
-        ((r, f),) = answers(raw, 1)
         v2 = (torch.nn.functional.linear(x, w) + 1).unsqueeze(0)
         v3 = v2 * 3
         y = torch.relu(-(torch.tanh(v3) + v2) - v3)
-        assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), y), i
-        assert raw.request({"t": "sync", "cf": [8, base, 11, []]}).get("t") != "err"
+        assert torch.equal(ahead_to_end(raw, RESHAPED, x, base, i), y), i
+        settle_at_end(raw, RESHAPED, base)
         assert torch.equal(get(raw, base + 2), v2), i
 
 
 def test_layouts_a_program_goes_back_to_keep_their_traced_segment(raw):
     """Inputs of one shape, then another, then the first again (lop's plan trial: bands, then
     whole uploads): back on the first, its segment runs from the first run, as traced before."""
-    from rrto import codec
     g = torch.Generator().manual_seed(4)
     w = torch.randn(6, 4, generator=g)
     put(raw, 7, w)
@@ -504,10 +508,8 @@ def test_layouts_a_program_goes_back_to_keep_their_traced_segment(raw):
         nonlocal i
         x, base = torch.randn(rows, 4, generator=g), BASE + 100 * i
         before = captured(raw)
-        put_ahead(raw, base, x, [6, base, 1, 12, []], [i])
-        ((r, f),) = answers(raw, 1)
-        assert torch.equal(codec.frame_tensor(r["d"], f[0], 1 << 30), chain(x, w)[8]), (i, rows)
-        assert raw.request({"t": "sync", "cf": [6, base, 12, []]}).get("t") != "err"
+        assert torch.equal(ahead_to_end(raw, CHAIN, x, base, i), chain(x, w)[8]), (i, rows)
+        settle_at_end(raw, CHAIN, base)
         i += 1
         return captured(raw) - before
 
