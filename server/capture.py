@@ -36,6 +36,7 @@ ENABLED = True  # rrto-server --no-capture turns it off
 MIN_STEPS = 8  # shorter stretches stay op by op: a graph call has its own fixed cost
 MAX_EPOCHS = 8  # a program whose layouts keep changing stops being traced after this many
 steps_run = 0  # steps this server process ran inside segments (the daemon's stats report it)
+outputs_left_out = 0  # outputs of those steps no handle ever named (``Segment.elided``)
 
 torch._C._set_graph_executor_optimize(False)  # run the traced ops as traced: no fusion, no folding
 
@@ -63,7 +64,8 @@ class Unfit(Exception):
 class Segment:
     """Steps ``start`` to ``end - 1`` of a program, one graph call once ``trace`` has run."""
 
-    def __init__(self, start: int, end: int, steps: list, read_after: frozenset = frozenset()):
+    def __init__(self, start: int, end: int, steps: list, read_after: frozenset = frozenset(),
+                 dropped: frozenset = frozenset()):
         self.start, self.end = start, end
         self.graph = None
         self.broken = False  # failed or unfit once: op by op for the rest of the epoch
@@ -83,17 +85,22 @@ class Segment:
                 ((box, where),) = st.writes
                 n = self._grows[len(self.templates) - 1] = fills[(id(st.args if box == "a" else st.kwargs), where)].n
                 grown[n] = st.metas[0]._replace(grows_input=False)
+        # Outputs the robot expects to drop within the iteration that no step after the segment
+        # reads: the graph does not return them, and frees each after its last reader inside.
+        self.elided = frozenset(o for o in made if o in dropped and o not in read_after and o not in grown)
+        self.read = frozenset(read)  # outputs a step inside reads
         # per step: info, (offset, meta, read inside) of each output with an offset, where its
         # outputs start in the graph's, and whether a step after the segment reads one of them
         self.binds, n = [], 0
         for st, _, _ in self.templates:
-            mine = [(o, grown.get(o, m), o in read) for o, m in zip(st.outs, st.metas) if o is not None]
+            mine = [(o, grown.get(o, m), o in read) for o, m in zip(st.outs, st.metas)
+                    if o is not None and o not in self.elided]
             self.binds.append((st.info, mine, n, any(o in read_after for o, _, _ in mine)))
             n += len(mine)
         self.made = [(start + k, st.outs) for k, (st, _, _) in enumerate(self.templates)]  # AheadRun.made's
         self.new_bytes = sum(m.new_bytes for st, _, _ in self.templates for m in st.metas)
         self.later_bytes = sum(m.new_bytes for (st, _, _), b in zip(self.templates, self.binds) if not b[3]
-                               for m in st.metas)
+                               for o, m in zip(st.outs, st.metas) if o not in self.elided)
         self.layouts: list = []  # (shape, stride, offset, dtype) of each graph output when traced
 
     def inputs(self, handles: dict, base: int, slots: dict) -> list | None:
@@ -105,8 +112,7 @@ class Segment:
 
     def trace(self, values: list) -> bool:
         """Trace the steps once on ``values``, this run's inputs (the segment writes none of them)."""
-        layouts = self.layouts
-        reads = {o: inside for _, outs, _, _ in self.binds for o, _, inside in outs}
+        layouts, elided, read = self.layouts, self.elided, self.read
         grown = set(self._grows.values())
         actions: list = []  # per output: what binding it takes, decided on the eager pass
 
@@ -133,15 +139,17 @@ class Segment:
                     if o is None:
                         continue
                     if eager:
-                        actions.append(_binding(t, m, reads[o], args, kwargs))
+                        actions.append(_binding(t, m, o in read, args, kwargs))
                         if o in grown and actions[-1] is not None:
                             raise Unfit("a step grows an output bound as a copy or a view")
-                    bound, inside = _apply(actions[len(outs)] if eager else next(todo), t, m, reads[o])
+                    bound, inside = _apply(actions[-1] if eager else next(todo), t, m, o in read)
+                    made[o] = inside
+                    if o in elided:
+                        continue
                     if eager:
                         at[o] = len(outs)
                         layouts.append(_layout(bound))
                     outs.append(bound)
-                    made[o] = inside
                 if eager and j in self._grows:  # its out= tensor as grown here (later changes: unfit at run)
                     i = at[self._grows[j]]
                     layouts[i] = _layout(outs[i])
@@ -178,9 +186,10 @@ class Segment:
                 return None
         self.bind(session, outs, base, later=False)
         session.hold(self.later_bytes)
-        global steps_run
+        global steps_run, outputs_left_out
         session.ops_run += self.end - self.start
         steps_run += self.end - self.start
+        outputs_left_out += len(self.elided)
         return outs
 
     def bind(self, session, outs: tuple, base: int, later: bool) -> None:
@@ -224,8 +233,9 @@ class Segment:
         return _In(i)
 
 
-def plan(steps: list, epoch: int) -> dict:
-    """The segments of a program in this epoch, by first step (not traced yet)."""
+def plan(steps: list, epoch: int, dropped: frozenset = frozenset()) -> dict:
+    """The segments of a program in this epoch, by first step (not traced yet); ``dropped``: the
+    outputs the robot expects to drop within each iteration (``Segment.elided``)."""
     out: dict = {}
     i, n = 0, len(steps)
     read_from = [frozenset()] * (n + 1)  # per step: the offsets it or a step after it reads
@@ -239,7 +249,7 @@ def plan(steps: list, epoch: int) -> dict:
             made.update(o for o in steps[j].outs if o is not None)
             j += 1
         if j - i >= MIN_STEPS:
-            out[i] = Segment(i, j, steps, read_from[j])
+            out[i] = Segment(i, j, steps, read_from[j], dropped)
         i = max(j, i + 1)
     return out
 

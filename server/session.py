@@ -176,7 +176,7 @@ class Session:
         if "ah" in h:
             self._free(h.pop("fr", None))  # last iteration's tensors go before this one's run ahead
             try:
-                self._ahead_job = self._check_ahead(h.get("ah"), h.get("aq"))
+                self._ahead_job = self._check_ahead(h.get("ah"), h.get("aq"), h.get("ad"))
             except OpError as e:  # the message itself still runs; its waits are answered "stop"
                 log.debug("session %s: no run ahead: %s", self.token[:8], e)
         if t == "op":
@@ -367,8 +367,10 @@ class Session:
             raise OpError("run slots must come in (slot, handle) pairs")
         return prog, base, a, b, dict(zip(flat[::2], flat[1::2]))
 
-    def _check_ahead(self, ah, aq) -> tuple:
-        """Validate a run-ahead request: 'ah' a program run, 'aq' a reply number per wait in it."""
+    def _check_ahead(self, ah, aq, ad=None) -> tuple:
+        """Validate a run-ahead request: 'ah' a program run, 'aq' a reply number per wait in it,
+        'ad' (when it changed) the outputs the robot expects to drop within each iteration, as
+        (first, count) runs of offsets (``Program.expect_dropped``)."""
         if self._ahead_run is not None:  # never settled (the robot moved on): keep what it did
             self._ahead_run.release(self)
             self._ahead_run = None
@@ -376,6 +378,8 @@ class Session:
         if type(aq) is not list or not all(type(q) is int for q in aq) \
                 or len(aq) != sum(k in ("get", "sync", "shaped") for k in prog.kinds[a:b]):
             raise OpError("a run ahead needs one reply number in 'aq' per wait in its steps")
+        if ad is not None:
+            prog.expect_dropped(_offsets(ad, prog.outputs))
         return prog, base, a, b, slots, aq
 
     def _send(self, sock, reply: dict, frames: list) -> None:
@@ -410,9 +414,10 @@ class Session:
 
     def _settle(self, cf) -> None:
         """The robot's word on the last run ahead: 'cf' [program, base, steps reached, [slot, handle, ...]]."""
-        if type(cf) is not list or len(cf) != 4 or not all(type(v) is int for v in cf[:3]) or type(cf[3]) is not list \
-                or len(cf[3]) % 2:
-            raise OpError("a confirmation is 'cf': [program, base, steps reached, [slot, handle, ...]]")
+        if type(cf) is not list or len(cf) not in (4, 5) or not all(type(v) is int for v in cf[:3]) \
+                or type(cf[3]) is not list or len(cf[3]) % 2 or len(cf) == 5 and type(cf[4]) is not list:
+            raise OpError("a confirmation is 'cf': [program, base, steps reached, [slot, handle, ...]"
+                          "(, [offset, ...] of outputs the robot expected to drop and holds)]")
         run, self._ahead_run = self._ahead_run, None
         if run is None or run.program.pid != cf[0] or run.base != cf[1]:
             return  # nothing ran ahead for it (refused, or the program was dropped)
@@ -420,7 +425,8 @@ class Session:
             run.release(self)
             raise OpError(f"bad confirmation: step {cf[2]} of program {cf[0]}")
         try:
-            run.settle(self, cf[2], dict(zip(cf[3][::2], cf[3][1::2])))
+            held = frozenset(o for o in cf[4] if type(o) is int) & run.program.outputs if len(cf) == 5 else frozenset()
+            run.settle(self, cf[2], dict(zip(cf[3][::2], cf[3][1::2])), held)
         except Exception as e:  # noqa: BLE001 - confirmed steps failing: like a deferred op failing
             self.error = ("op_failed", f"a step of program {cf[0]} failed on the server: {short_error(e)}"
                           " (reported at the next request; ops after it were skipped)")
@@ -585,6 +591,16 @@ def _frees(header: dict) -> list:
             raise OpError(f"'frr' frees 1 to {MAX_FREES} handles a message, in runs of at least one")
         out += range(first, first + count)
     return out
+
+
+def _offsets(runs, outputs: frozenset) -> frozenset:
+    """A program's output offsets from (first, count) runs, bounded by the program's own count."""
+    if type(runs) is not list or len(runs) % 2 or not all(type(v) is int for v in runs):
+        raise OpError("'ad' must be a list of (first offset, count) pairs of integers")
+    counts = runs[1::2]
+    if any(c < 1 for c in counts) or sum(counts) > len(outputs):
+        raise OpError(f"'ad' names 1 to {len(outputs)} outputs of the program, in runs of at least one")
+    return frozenset(o for first, count in zip(runs[::2], counts) for o in range(first, first + count)) & outputs
 
 
 def _frame(frames: list, i: int):

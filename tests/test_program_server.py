@@ -207,10 +207,10 @@ AHEAD = {  # y = relu_(x @ w.T + 1) in place, z = -y; downloads of y and z
 }
 
 
-def put_ahead(raw, base: int, x: torch.Tensor, ah: list, aq: list) -> None:
+def put_ahead(raw, base: int, x: torch.Tensor, ah: list, aq: list, **more) -> None:
     from rrto import codec
     desc, buf, _ = codec.tensor_frame(x)
-    raw.send({"t": "put", "h": base, "d": desc, "ah": ah, "aq": aq}, [buf])
+    raw.send({"t": "put", "h": base, "d": desc, "ah": ah, "aq": aq, **more}, [buf])
 
 
 def answers(raw, n: int) -> list:
@@ -370,11 +370,11 @@ def chain_registered(raw, seed: int) -> tuple:
     return g, w, captured(raw)
 
 
-def ahead_to_end(raw, program: dict, x: torch.Tensor, base: int, q: int) -> torch.Tensor:
+def ahead_to_end(raw, program: dict, x: torch.Tensor, base: int, q: int, **more) -> torch.Tensor:
     """Upload ``x`` at ``base`` and run ``program`` ahead to its end: the download it answers."""
     from rrto import codec
     end = len(program["steps"])
-    put_ahead(raw, base, x, [program["p"], base, 1, end, []], [q])
+    put_ahead(raw, base, x, [program["p"], base, 1, end, []], [q], **more)
     ((r, f),) = answers(raw, 1)
     assert "d" in r, r
     return codec.frame_tensor(r["d"], f[0], 1 << 30)
@@ -385,9 +385,9 @@ def settle_at_end(raw, program: dict, base: int) -> None:
     assert raw.request({"t": "sync", "cf": [program["p"], base, len(program["steps"]), []]}).get("t") != "err"
 
 
-def chain_ahead(raw, x: torch.Tensor, w: torch.Tensor, base: int, q: int) -> None:
+def chain_ahead(raw, x: torch.Tensor, w: torch.Tensor, base: int, q: int, **more) -> None:
     """Upload ``x`` at ``base`` and run CHAIN ahead: its download must be what op by op gives."""
-    assert torch.equal(ahead_to_end(raw, CHAIN, x, base, q), chain(x, w)[8]), q
+    assert torch.equal(ahead_to_end(raw, CHAIN, x, base, q, **more), chain(x, w)[8]), q
 
 
 def test_a_captured_segment_gives_what_the_op_list_gives(raw):
@@ -421,6 +421,34 @@ def test_a_segment_binds_what_no_later_step_reads_after_its_replies(raw):
         assert got.get("t") == "err" and f"handle {base + 3} is already in use" in got.get("msg", ""), got
         assert torch.equal(get(raw, base + 3), mine)
     assert captured(raw) - before == 2 * 10, "the segment did not run"
+
+
+def test_outputs_the_robot_expects_to_drop_are_left_out_and_made_again_if_held(raw):
+    """'ad' names outputs the robot expects to drop within each iteration: the segment's graph
+    does not return them, no handle names them. One the robot still holds when it settles
+    ('cf' fifth item) is made again, op by op, with its value as eager gives it."""
+    from rrto import codec
+    g, w, before = chain_registered(raw, 4)
+    left = raw.request({"t": "stats"})["outputs_left_out"]
+    for i in range(4):
+        x, base = torch.randn(5, 4, generator=g), BASE + 100 * i
+        chain_ahead(raw, x, w, base, i, ad=[2, 2, 5, 1, 8, 1])  # 2, 3, 5; and 8, which the download reads
+        held = [3] if i == 3 else []  # (the first run sizes the steps, op by op: all bound)
+        assert raw.request({"t": "sync", "cf": [6, base, 12, [], held]}).get("t") != "err"
+        r = raw.request({"t": "get", "h": base + 5})
+        assert (r.get("t") == "err" and "not one of this session's tensors" in r["msg"]) == (i > 0), (i, r)
+        for off in (1, 4, 6, 8):
+            assert torch.equal(get(raw, base + off), chain(x, w)[off]), (i, off)
+        if i == 3:
+            assert torch.equal(get(raw, base + 3), chain(x, w)[3])
+    assert captured(raw) - before == 3 * 10, "the segment did not run"
+    assert raw.request({"t": "stats"})["outputs_left_out"] - left == 3 * 3
+    for bad in ("x", [2], [2, 0], [0, 1000]):
+        base = BASE + 9000
+        put_ahead(raw, base, torch.randn(5, 4, generator=g), [6, base, 1, 12, []], [50], ad=bad)
+        ((r, _),) = answers(raw, 1)
+        assert r.get("stop") == 1, (bad, r)  # refused: no run ahead, the robot asks for each wait
+        raw.request({"t": "sync", "fr": [base]})
 
 
 ON_DEVICE = {"dtype": {"dt": "float32"}, "device": {"dev": "r"}}

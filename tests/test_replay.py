@@ -293,6 +293,64 @@ def test_turning_away_inside_a_captured_stretch_of_steps(server):
         stats.close()
 
 
+def _two_stretches(seed: int = 5):
+    """Two stacks of conv, norm and relu: each runs ahead as one traced graph (server/capture.py),
+    split by a wait between them."""
+    torch.manual_seed(seed)
+    def stack():
+        return nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                                             nn.ReLU())]).eval()
+    return nn.Conv2d(3, 8, 1).eval(), stack(), stack()
+
+
+def _left_out(server_url: str) -> int:
+    from .conftest import RawClient
+    raw = RawClient(server_url)
+    try:
+        raw.hello()
+        return raw.request({"t": "stats"})["outputs_left_out"]
+    finally:
+        raw.close()
+
+
+def test_a_tensor_the_app_used_to_drop_but_holds_is_made_again(server):
+    """Outputs the app drops within an iteration are never bound on the server: its traced graphs
+    free them as eager would. At frame 4 the app holds one of them into a turn away after the wait
+    between the two graphs; at frame 9 another past the iteration's end (it reads it after the
+    download). The robot names each when it settles the run and the server makes it again."""
+    xs = frames_of(16, 24)
+    first, body1, body2 = _two_stretches()
+
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"] = tuple(copy.deepcopy(m).to(dev) for m in (first, body1, body2))
+        stem, b1, b2 = st["net"]
+        held = {}
+        with torch.no_grad():
+            y = stem(xs[i].to(dev))
+            for j, m in enumerate(b1):
+                y = m(y)
+                if (j, i) in ((4, 4), (1, 9)):
+                    held[j] = y  # a norm's output, read by the relu after it; dropped in other frames
+            scale = y.mean().item()  # a wait: the graphs end here
+            for j, m in enumerate(b2):
+                if 4 in held and j == 4:  # turn away, reading the held tensor
+                    return (y.sum((2, 3)) + held[4].mean((2, 3)) * scale).cpu()
+                y = m(y)
+            out = y.sum((2, 3)).cpu()
+            if 1 in held:  # held past the iteration's end
+                out = out + held[1].mean((2, 3)).cpu()
+            return out
+
+    local, _ = run_loop(step, 24, None)
+    before = _left_out(server.url)
+    remote, (replayed, s) = run_loop(step, 24, server.url)
+    assert_same(local, remote)
+    assert s["replay_divergences"] >= 1, s
+    assert replayed_between(replayed, 12, 24) >= 10, replayed
+    assert _left_out(server.url) - before >= 5 * 10, "no segment left out the outputs the app drops"
+
+
 def test_a_running_count_stops_the_run_ahead(server):
     """A tensor that outlives the iteration is written every frame: the server runs up to it
     and waits for the robot to confirm (answered_ahead stays 0), results stay exact."""

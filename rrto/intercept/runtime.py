@@ -327,7 +327,12 @@ class Runtime:
         desc, buf, private = codec.tensor_frame(src)
         meta = TensorMeta(tuple(desc["sh"]), tuple(desc["st"]), 0, src.dtype)
         flat = torch.frombuffer(buf, dtype=torch.uint8).view(src.dtype) if len(buf) else torch.empty(0, dtype=src.dtype)
-        storage = lineage.leaf(flat if private or weight else flat.clone(), meta, weight)
+        if not (private or weight):
+            # The robot keeps a copy (the lineage's): sending that one, the app may change its
+            # tensor at once, and the upload need not wait until zmq has pushed every byte.
+            flat, private = flat.clone(), True
+            buf = memoryview(flat.view(torch.uint8).numpy()) if len(buf) else buf
+        storage = lineage.leaf(flat, meta, weight)
         if weight:
             self._weights.add(storage)
         if self.lost:
@@ -418,6 +423,8 @@ class Runtime:
                 return
         if not self.closed and not self.lost:
             self.streamer.free(handle)
+            if self.replayer is not None:
+                self.replayer.note_free(handle)
 
     # -- torch.cuda answers --------------------------------------------------------------
 
@@ -510,6 +517,7 @@ class Runtime:
             trial = config.mode == "lop" and planner is not None
             self.lop = LopRobot(self.copies, self.stats, planner=planner, verbose=config.progress, trial=trial)
             self.replayer.on_diverge = lambda pos: self.lop.diverged(pos, self.replayer, self.streamer)
+            self.replayer.expect_drops = False
 
     def _probe_link(self, nbytes: int) -> float:
         """Seconds for one round trip carrying ``nbytes`` up (lop measures the link with these)."""

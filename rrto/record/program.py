@@ -52,9 +52,21 @@ class Program:
     frames: list = field(default_factory=list)  # inline CPU constants, referenced by {"i": n}
     descs: list = field(default_factory=list)
     pid: int = 0
+    _spans: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.steps)
+
+    def ahead_span(self, a: int) -> tuple[int, list[int]]:
+        """``(b, waits)``: a run ahead from step ``a`` stops at the next upload or seed, ``b``;
+        ``waits`` are the steps in ``[a, b)`` the robot waits at. Asked at every inference's
+        upload: two scans of the steps were a third of the robot's time before its upload left."""
+        span = self._spans.get(a)
+        if span is None:
+            steps = self.steps
+            b = next((i for i in range(a, len(steps)) if steps[i].kind in ("put", "seed")), len(steps))
+            span = self._spans[a] = (b, [i for i in range(a, b) if steps[i].waits])
+        return span
 
     @property
     def sync_points(self) -> int:

@@ -77,6 +77,16 @@ class Replayer:
         self.skip_to = 0
         self.reserve = 0
         self.on_diverge = None
+        # Outputs the app let go of before an iteration ended (the first replayed one; fewer after
+        # one it held on to): a run ahead says so ("ad"), and the server's captured segments do
+        # not keep them. Those the app still holds when a run is settled go with 'cf': the server
+        # makes them again. lop turns it off (its bands name tensors of their own).
+        self.expect_drops = True
+        self._drops: frozenset | None = None
+        self._drops_said = True
+        self._step_of: dict = {}  # output offset of an op step -> that step
+        self._freed = bytearray()  # per offset of this iteration: the app let go of it
+        self._held = 0  # expected drops of this iteration not let go of yet
 
     @property
     def handles_used(self) -> int:
@@ -173,6 +183,9 @@ class Replayer:
         waits from there on will not be asked for (the one for the wait just matched still is)."""
         if self._ahead[1]:
             self._settle = [self.program.pid, self.base, reached, list(self._slots)]
+            held = self._still_held(reached)
+            if held:
+                self._settle.append(held)
             gone = [q for i, q in self._answers.items() if i >= reached]
             if gone:
                 self._forget(gone)
@@ -225,19 +238,22 @@ class Replayer:
         self._ask = None
 
     def _ask_ahead(self, a: int, fields: dict) -> None:
-        steps = self.program.steps
-        b = next((i for i in range(a, len(steps)) if steps[i].kind in ("put", "seed")), len(steps))
+        b, waits = self.program.ahead_span(a)
         if b <= a:
             return
-        waits = [i for i in range(a, b) if steps[i].waits]
         numbers = self._reply_numbers(len(waits))
         self._ahead, self._answers = (a, b), dict(zip(waits, numbers))
         fields["ah"] = [self.program.pid, self.base, a, b, list(self._slots)]
         fields["aq"] = numbers
+        if not self._drops_said and self.expect_drops:
+            fields["ad"] = as_runs(self._drops)
+            self._drops_said = True
 
     def _begin(self) -> None:
         self.base = self._next_base
         self._next_base += max(self.program.n_handles, self.reserve, 1)
+        self._freed = bytearray(self.program.n_handles)
+        self._held = len(self._drops) if self._drops else 0
         self._slots = []
         self._no_ahead = False
         self._messages_at_start = self.stats.messages_sent
@@ -254,6 +270,27 @@ class Replayer:
         last_sends = self.program.steps[-1].kind != "op" and not self._ahead[0] <= last < self._ahead[1]
         self.stats.replay_messages += self.stats.messages_sent - self._messages_at_start + last_sends
         self._settle_ahead(last + 1)
+        if self.expect_drops and (self._drops is None or self._held):
+            held = self._still_held(last + 1)
+            self._drops = frozenset(o for o in self._step_of if self._freed[o]) if self._drops is None \
+                else self._drops.difference(held)
+            self._drops_said = False
+
+    def note_free(self, handle: int) -> None:
+        """The app let go of tensor ``handle`` (its free rides on the next message)."""
+        o = handle - self.base
+        freed = self._freed
+        if 0 <= o < len(freed) and not freed[o]:
+            freed[o] = 1
+            if self._drops and o in self._drops:
+                self._held -= 1
+
+    def _still_held(self, reached: int) -> list:
+        """Outputs of steps before ``reached`` the app was expected to drop and still holds."""
+        if not self._held:
+            return []
+        freed, step_of = self._freed, self._step_of
+        return [o for o in self._drops if step_of[o] < reached and not freed[o]]
 
     def _diverge(self, step: Step) -> None:
         if self.pos:
@@ -299,6 +336,12 @@ class Replayer:
             return
         self.program = prog
         self._folded = folded_syncs(prog)
+        # (a program with more than one run ahead per iteration leaves nothing out: each run
+        # is settled only by the next, which the server cannot make outputs of the last again from)
+        one_run = sum(st.kind in ("put", "seed") for st in prog.steps) == 1
+        self._step_of = {o: i for i, st in enumerate(prog.steps) if st.kind == "op" and one_run
+                         for o in st.out_offsets if o is not None}
+        self._drops, self._drops_said, self._freed, self._held = None, True, bytearray(), 0
         self.pos = 0
         self._run = None
         self.unstable = False
@@ -323,6 +366,17 @@ def folded_syncs(prog: Program) -> frozenset:
         if kind in ("get", "shaped", "sync"):
             later = kind
     return frozenset(folded)
+
+
+def as_runs(offsets) -> list:
+    """Offsets as a flat list of (first, count) runs."""
+    out: list = []
+    for o in sorted(offsets):
+        if out and out[-2] + out[-1] == o:
+            out[-1] += 1
+        else:
+            out += (o, 1)
+    return out
 
 
 def cpu_bytes(t, limit: int = 256) -> bytes | None:
