@@ -375,11 +375,11 @@ class Session:
             self._ahead_run.release(self)
             self._ahead_run = None
         prog, base, a, b, slots = self._program_run(ah)
+        if ad is not None:  # (first: the robot counts on it from now on, run ahead or not)
+            prog.expect_dropped(_offsets(ad, prog.outputs))
         if type(aq) is not list or not all(type(q) is int for q in aq) \
                 or len(aq) != sum(k in ("get", "sync", "shaped") for k in prog.kinds[a:b]):
             raise OpError("a run ahead needs one reply number in 'aq' per wait in its steps")
-        if ad is not None:
-            prog.expect_dropped(_offsets(ad, prog.outputs))
         return prog, base, a, b, slots, aq
 
     def _send(self, sock, reply: dict, frames: list) -> None:
