@@ -89,13 +89,12 @@ class Segment:
         # reads: the graph does not return them, and frees each after its last reader inside.
         self.elided = frozenset(o for o in made if o in dropped and o not in read_after and o not in grown)
         self.read = frozenset(read)  # outputs a step inside reads
-        # per step: info, (offset, meta, read inside) of each output with an offset, where its
+        # per step: info, (offset, meta) of each output it binds, where its
         # outputs start in the graph's, and whether a step after the segment reads one of them
         self.binds, n = [], 0
         for st, _, _ in self.templates:
-            mine = [(o, grown.get(o, m), o in read) for o, m in zip(st.outs, st.metas)
-                    if o is not None and o not in self.elided]
-            self.binds.append((st.info, mine, n, any(o in read_after for o, _, _ in mine)))
+            mine = [(o, grown.get(o, m)) for o, m in zip(st.outs, st.metas) if o is not None and o not in self.elided]
+            self.binds.append((st.info, mine, n, any(o in read_after for o, _ in mine)))
             n += len(mine)
         self.made = [(start + k, st.outs) for k, (st, _, _) in enumerate(self.templates)]  # AheadRun.made's
         self.new_bytes = sum(m.new_bytes for st, _, _ in self.templates for m in st.metas)
@@ -202,8 +201,8 @@ class Segment:
             session.hold(-self.later_bytes)
         for info, mine, first, read_after in self.binds:
             if read_after is not later:
-                session.bind_outputs(info, list(outs[first:first + len(mine)]), [base + o for o, _, _ in mine],
-                                     [m for _, m, _ in mine], (), {}, zeroed=True)
+                session.bind_outputs(info, list(outs[first:first + len(mine)]), [base + o for o, _ in mine],
+                                     [m for _, m in mine], (), {}, zeroed=True)
 
     def _template(self, x, fills: dict, made: set, read: set):
         """``x`` with each hole and tensor replaced by where the graph finds it."""
