@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -42,10 +43,10 @@ class Limits:
 
 class Session:
     def __init__(self, token: str, identity: bytes, device: torch.device, limits: Limits,
-                 ops: OpTable, sizes: SizeCheck, reply_socket, cache: WeightCache | None = None):
+                 ops: OpTable, sizes: SizeCheck, send: Callable[[list], None], cache: WeightCache | None = None):
         self.token, self.identity, self.device, self.limits = token, identity, device, limits
         self.cache = cache
-        self.ops, self.sizes, self._reply_socket = ops, sizes, reply_socket
+        self.ops, self.sizes, self._send_frames = ops, sizes, send  # the daemon's: a whole zmq message to a robot
         self.handles: dict[int, torch.Tensor] = {}
         self.unusable: dict[int, str] = {}  # handles whose op output could not be given to the robot
         self._storages: dict[int, list] = {}  # storage address -> [nbytes, handles using it]
@@ -92,7 +93,6 @@ class Session:
         self.inbox.put(None)
 
     def _run(self) -> None:
-        sock = self._reply_socket()  # zmq sockets live in one thread: this one is the worker's
         try:
             with torch.inference_mode():
                 while True:
@@ -107,13 +107,12 @@ class Session:
                     with self._pending_lock:
                         self.pending_bytes -= nbytes
                     if reply is not None:
-                        self._send(sock, *reply)
+                        self._send(*reply)
                     if "aq" in header:
-                        self._answer_ahead(header, sock)
+                        self._answer_ahead(header)
                     if header.get("t") == "bye":
                         break
         finally:
-            sock.close(linger=0)
             self.handles.clear()
             self._storages.clear()
             self.programs.clear()
@@ -382,24 +381,20 @@ class Session:
             raise OpError("a run ahead needs one reply number in 'aq' per wait in its steps")
         return prog, base, a, b, slots, aq
 
-    def _send(self, sock, reply: dict, frames: list) -> None:
+    def _send(self, reply: dict, frames: list) -> None:
         if self._clocked is not None:
             n, arrived = self._clocked
             self._clocked = None
             reply["sv"] = [n, round(time.perf_counter() - arrived, 6)]
-        sock.send_multipart([self.identity, *codec.pack(reply, frames)], copy=False)
+        self._send_frames([self.identity, *codec.pack(reply, frames)])
 
-    def _answer_ahead(self, header: dict, sock) -> None:
+    def _answer_ahead(self, header: dict) -> None:
         """Run ahead what the message asked for; every number in 'aq' gets exactly one reply."""
         job, self._ahead_job = self._ahead_job, None
         aq = header["aq"]
-
-        def send(reply: dict, frames: list) -> None:
-            self._send(sock, reply, frames)
-
         if job is not None:
             prog, base, a, b, slots, seqs = job
-            self._ahead_run = prog.ahead(self, base, a, b, slots, seqs, send)
+            self._ahead_run = prog.ahead(self, base, a, b, slots, seqs, self._send)
             self.programs_run += 1
             return
         if type(aq) is not list:
@@ -410,7 +405,7 @@ class Session:
         start = ah[2] if type(ah) is list and len(ah) > 2 and type(ah[2]) is int else 0
         for q in aq[:100_000]:
             if type(q) is int:
-                send({"q": q, "stop": start}, [])
+                self._send({"q": q, "stop": start}, [])
 
     def _settle(self, cf) -> None:
         """The robot's word on the last run ahead: 'cf' [program, base, steps reached, [slot, handle, ...]]."""

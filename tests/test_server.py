@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -178,6 +179,52 @@ def test_two_robots_at_once(server):
     for r, (_, err) in zip(robots, outs):
         assert r.returncode == 0, err
     assert [o.strip() for o, _ in outs] == ["robot 1 ok", "robot 2 ok"]
+
+
+def test_replies_from_many_workers_and_pongs_at_once_all_arrive_whole(server):
+    """Session workers send their replies on the daemon's socket themselves, under its lock,
+    while the main thread receives and answers pings on it. Six robots pipeline uploads and
+    downloads and ping in between: every reply arrives, in order, with its own bytes.
+    (Without the lock, replies were lost or mixed up and this waited in vain.)"""
+    errors: list = []
+
+    def robot(k: int) -> None:
+        c = RawClient(server.url)
+        try:
+            c.hello()
+            for i in range(150):
+                t = torch.arange(64.0) + 1000 * k + i
+                desc, buf, _ = codec.tensor_frame(t)
+                c.seq += 2
+                c.send({"t": "put", "h": 1 + i, "d": desc, "q": c.seq - 1}, [buf])
+                c.send({"t": "ping", "s": c.session})  # answered by the main thread, in between
+                c.send({"t": "get", "h": 1 + i, "q": c.seq, "fr": [i] if i else []})
+                seen = []
+                while len(seen) < 2:
+                    reply, frames = c.recv()
+                    if reply.get("t") == "pong":
+                        assert not reply.get("gone"), reply
+                        continue
+                    assert reply.get("t") != "err", reply
+                    seen.append(reply["q"])
+                    if reply["q"] == c.seq:
+                        assert torch.equal(codec.frame_tensor(reply["d"], frames[0], 1 << 20), t)
+                assert seen == [c.seq - 1, c.seq], seen
+        except BaseException as e:  # noqa: BLE001 - reported by the test's thread
+            errors.append(f"robot {k}: {e!r}")
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=robot, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    raw = RawClient(server.url)
+    raw.hello()
+    good_request_works(raw, 1)
+    raw.close()
 
 
 def test_protocol_mismatch_and_full_server(server):
