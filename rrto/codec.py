@@ -26,10 +26,23 @@ from typing import Any, Callable
 import torch
 import xxhash
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4  # 4: a sync right after a download is answered on the robot (answered)
 MAX_HEADER_BYTES = 1 << 20
 MAX_DIMS = 32
 MAX_DEPTH = 32  # nesting of lists and objects in a header; real ones reach about 5
+
+
+
+def answered(kinds: list[str]) -> tuple[bool, ...]:
+    """Per step of a recorded program (by kind): whether a run ahead sends a reply for it.
+
+    Downloads, data-dependent ops and syncs are waited for, except a sync right after a
+    download or a data-dependent op: the robot has just had that reply, which says that
+    the work up to it is done. Both ends count reply numbers ('aq') with this rule.
+    """
+    return tuple(k in ("get", "shaped") or k == "sync" and not (i and kinds[i - 1] in ("get", "shaped"))
+                 for i, k in enumerate(kinds))
+
 
 _DTYPE_NAMES = [
     "float32", "float64", "float16", "bfloat16", "complex64", "complex128",

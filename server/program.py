@@ -103,6 +103,7 @@ class Program:
     def __init__(self, pid: int, steps: list, kinds: list, persistent: set, puts: tuple = ()):
         self.pid, self.steps, self.kinds, self.persistent = pid, steps, kinds, persistent
         self.puts = puts  # (step, offset) of each upload the robot declared, in step order
+        self.answered = codec.answered(kinds)  # per step: a run ahead replies to it
         # per step, the fastest it ran here (lop's planner asks: its server step times are measured)
         self.seconds = [0.0] * len(steps)
         self.timed_runs = 0  # runs that reached its last op step
@@ -296,7 +297,7 @@ class Program:
         """Run steps ``a`` to ``b - 1`` before the robot confirms them (see the module's docstring).
 
         Each wait step is answered with ``send(reply, frames)``, its reply carrying the next of
-        ``seqs``. The run stops before a step it may not run yet (a hole, a tensor slot not
+        ``seqs``, but for a sync right after a download (``codec.answered``). The run stops before a step it may not run yet (a hole, a tensor slot not
         given, a write to a tensor older than this iteration, the session's memory limit):
         the waits left are answered ``{"stop": i}``, the robot confirms up to each and asks
         again. An op that fails answers the waits left with the error.
@@ -335,6 +336,8 @@ class Program:
                         st.unfill()
                     continue
                 if kind == "sync":
+                    if not self.answered[i - 1]:
+                        continue  # right after a download: its reply said it all
                     if session.device.type == "cuda":
                         torch.cuda.synchronize(session.device)
                     send({"q": next(waits)}, [])

@@ -377,7 +377,7 @@ class Session:
         if ad is not None:  # (first: the robot counts on it from now on, run ahead or not)
             prog.expect_dropped(_offsets(ad, prog.outputs))
         if type(aq) is not list or not all(type(q) is int for q in aq) \
-                or len(aq) != sum(k in ("get", "sync", "shaped") for k in prog.kinds[a:b]):
+                or len(aq) != sum(prog.answered[a:b]):
             raise OpError("a run ahead needs one reply number in 'aq' per wait in its steps")
         return prog, base, a, b, slots, aq
 

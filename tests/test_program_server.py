@@ -238,6 +238,33 @@ def test_a_run_ahead_answers_every_wait_unasked(raw):
         assert raw.request({"t": "sync", **cf}).get("t") != "err"
 
 
+def test_a_sync_right_after_a_download_gets_no_reply_of_its_own(raw):
+    """The robot has just had the download's reply, which says the work up to it is done: both
+    ends count such a sync out of the reply numbers (codec.answered). A sync after an op is
+    still answered."""
+    from rrto import codec
+    steps = AHEAD["steps"]
+    program = {"p": 4, "steps": [*steps[:5], {"t": "sync"}, steps[5], {"t": "sync"}, steps[6], {"t": "sync"}]}
+    assert codec.answered([st["t"] for st in program["steps"]]) == \
+        (False, False, False, False, True, False, False, True, True, False)
+    w = torch.randn(5, 3)
+    put(raw, 7, w)
+    assert register(raw, program).get("t") != "err"
+    x = torch.randn(2, 3)
+    put_ahead(raw, BASE, x, [4, BASE, 1, 10, []], [1000, 1001, 1002, 1003])  # one number per sync: refused
+    assert all(r.get("stop") == 1 for r, _ in answers(raw, 4))
+    settled = raw.request({"t": "sync", "cf": [4, BASE, 1, []], "fr": [BASE]})
+    assert settled.get("t") != "err", settled
+    put_ahead(raw, BASE + 100, x, [4, BASE + 100, 1, 10, []], [2000, 2001, 2002])
+    (r1, f1), (r2, _), (r3, f3) = answers(raw, 3)
+    assert [r1["q"], r2["q"], r3["q"]] == [2000, 2001, 2002] and "d" in r1 and "d" not in r2 and "d" in r3
+    y = torch.relu(torch.nn.functional.linear(x, w) + 1)
+    assert torch.equal(codec.frame_tensor(r1["d"], f1[0], 1 << 30), y)
+    assert torch.equal(codec.frame_tensor(r3["d"], f3[0], 1 << 30), -y)
+    assert not raw.sock.poll(300), "a reply for a sync the robot does not wait for"
+    assert raw.request({"t": "sync", "cf": [4, BASE + 100, 10, []]}).get("t") != "err"
+
+
 def test_a_run_ahead_sizes_its_steps_again_when_the_upload_changes_layout(raw):
     """Runs ahead of one upload layout reuse their steps' sizes; another layout, even one with
     the same number of elements, gets results of its own shape (and the sizes of the old again after)."""

@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import codec
+
 IN, PERSIST, EXT, CPU = range(4)
 _T = "T"  # an erased tensor in a key
 
@@ -53,6 +55,7 @@ class Program:
     descs: list = field(default_factory=list)
     pid: int = 0
     _spans: dict = field(default_factory=dict, repr=False)
+    _answered: tuple | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -65,13 +68,21 @@ class Program:
         if span is None:
             steps = self.steps
             b = next((i for i in range(a, len(steps)) if steps[i].kind in ("put", "seed")), len(steps))
-            span = self._spans[a] = (b, [i for i in range(a, b) if steps[i].waits])
+            answered = self.answered
+            span = self._spans[a] = (b, [i for i in range(a, b) if answered[i]])
         return span
 
     @property
+    def answered(self) -> tuple[bool, ...]:
+        """Per step: whether a run ahead replies to it (``codec.answered``)."""
+        if self._answered is None:
+            self._answered = codec.answered([s.kind for s in self.steps])
+        return self._answered
+
+    @property
     def sync_points(self) -> int:
-        """Steps where the robot waits for the server."""
-        return sum(s.waits for s in self.steps)
+        """Steps where the robot waits for the server (not a sync right after a download: ``answered``)."""
+        return sum(self.answered)
 
     @property
     def uploads(self) -> int:

@@ -357,11 +357,14 @@ class Replayer:
 
 
 def folded_syncs(prog: Program) -> frozenset:
-    """Sync steps whose next waiting step, in the same iteration, is a get or a shaped op."""
+    """Sync steps answered without a message of their own: those whose next waiting step, in
+    the same iteration, is a get or a shaped op (its reply stands in), and those right after
+    one (its reply just came: ``codec.answered``)."""
     folded, later = set(), None  # the kind of the next waiting step after position i
+    answered = prog.answered
     for i in range(len(prog.steps) - 1, -1, -1):
         kind = prog.steps[i].kind
-        if kind == "sync" and later in ("get", "shaped"):
+        if kind == "sync" and (later in ("get", "shaped") or not answered[i]):
             folded.add(i)
         if kind in ("get", "shaped", "sync"):
             later = kind
