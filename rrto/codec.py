@@ -32,7 +32,6 @@ MAX_DIMS = 32
 MAX_DEPTH = 32  # nesting of lists and objects in a header; real ones reach about 5
 
 
-
 def answered(kinds: list[str]) -> tuple[bool, ...]:
     """Per step of a recorded program (by kind): whether a run ahead sends a reply for it.
 

@@ -126,16 +126,21 @@ class RawClient:
         return reply
 
     def close(self) -> None:
-        self.sock.close(0)
+        """Say goodbye (the shared server holds at most 64 sessions) and close."""
+        if self.session:
+            self.send({"t": "bye"})
+        self.sock.close(linger=500)
         self.ctx.term()
 
 
 @pytest.fixture
 def raw(server):
     c = RawClient(server.url)
-    c.hello()
-    yield c
-    c.close()
+    try:
+        c.hello()
+        yield c
+    finally:
+        c.close()
 
 
 def run_rrto(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

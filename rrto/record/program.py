@@ -41,10 +41,6 @@ class Step:
     spec: dict = field(default_factory=dict)  # how the server runs it (op steps)
     event: Any = None  # the recorded event it was made from (the robot logs replayed steps like it)
 
-    @property
-    def waits(self) -> bool:
-        return self.kind in ("shaped", "get", "sync")
-
 
 @dataclass(eq=False)
 class Program:
