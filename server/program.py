@@ -297,8 +297,9 @@ class Program:
         """Run steps ``a`` to ``b - 1`` before the robot confirms them (see the module's docstring).
 
         Each wait step is answered with ``send(reply, frames)``, its reply carrying the next of
-        ``seqs``, but for a sync right after a download (``codec.answered``). The run stops before a step it may not run yet (a hole, a tensor slot not
-        given, a write to a tensor older than this iteration, the session's memory limit):
+        ``seqs``, but for a sync right after a download (``codec.answered``). The run stops
+        before a step it may not run yet (a hole, a tensor slot not given, a write to a tensor
+        older than this iteration, the session's memory limit):
         the waits left are answered ``{"stop": i}``, the robot confirms up to each and asks
         again. An op that fails answers the waits left with the error.
         """
