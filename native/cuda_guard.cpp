@@ -1,4 +1,4 @@
-// A no-op device guard for the CUDA device type, for CPU-only torch builds.
+// A no-op device guard for the CUDA device type: "cuda" on the robot is rrto's virtual device.
 //
 // torch's C++ opens a device guard around many Python entry points (indexing,
 // tensor construction) before any operator is dispatched. A CPU-only build has no
@@ -6,6 +6,9 @@
 // with "PyTorch is not linked with support for cuda devices". This guard answers as
 // a machine with one GPU whose device 0 is always current; the operators themselves
 // never reach a CUDA kernel, because rrto intercepts them at the Python dispatch key.
+// A build with CUDA (pip's default torch, a Jetson's) has a real guard, which asks the
+// driver: on a robot without a GPU that fails, and with one it would open a CUDA context
+// for nothing. It is set aside while rrto is on and put back after.
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 namespace {
@@ -32,17 +35,19 @@ struct VirtualCudaGuard final : public c10::impl::DeviceGuardImplInterface {
 VirtualCudaGuard guard;
 }  // namespace
 
+static const c10::impl::DeviceGuardImplInterface* real = nullptr;  // a CUDA build's own guard
+
 extern "C" int rrto_register_cuda_guard(void) {
-  if (c10::impl::device_guard_impl_registry[static_cast<size_t>(DeviceType::CUDA)].load() != nullptr) {
-    return 0;  // a real CUDA build: leave its guard alone
+  auto& slot = c10::impl::device_guard_impl_registry[static_cast<size_t>(DeviceType::CUDA)];
+  const c10::impl::DeviceGuardImplInterface* before = slot.exchange(&guard);
+  if (before != &guard) {
+    real = before;
   }
-  c10::impl::device_guard_impl_registry[static_cast<size_t>(DeviceType::CUDA)].store(&guard);
-  return 1;
+  return real != nullptr;  // 1: a CUDA build's guard was set aside
 }
 
 extern "C" void rrto_unregister_cuda_guard(void) {
   auto& slot = c10::impl::device_guard_impl_registry[static_cast<size_t>(DeviceType::CUDA)];
-  if (slot.load() == &guard) {
-    slot.store(nullptr);
-  }
+  const c10::impl::DeviceGuardImplInterface* mine = &guard;
+  slot.compare_exchange_strong(mine, real);
 }

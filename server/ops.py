@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import torch
 
+# Activations are named although torch tags most of them pointwise: the tags vary between
+# versions (torch 2.11 leaves hardtanh_, MobileNet's ReLU6, untagged).
 ALLOWED = set("""
 view _unsafe_view reshape _reshape_alias as_strided expand expand_as permute transpose t
 squeeze unsqueeze select slice narrow split split_with_sizes unbind chunk tensor_split unflatten
@@ -57,7 +59,9 @@ to type_as view_as reshape_as flatten squeeze_ unsqueeze_ t_ transpose_ swapaxes
 broadcast_to broadcast_tensors atleast_1d atleast_2d atleast_3d meshgrid hstack vstack dstack column_stack
 tile fliplr flipud take_along_dim argwhere tensordot kron diff inner ger dropout feature_dropout alpha_dropout
 pad _pad_enum conv1d conv2d conv3d _convolution_mode relu6 prelu _prelu_kernel glu log_sigmoid
-log_sigmoid_forward hardswish hardswish_ floor_divide fix numpy_T mT mH adjoint expand_copy
+log_sigmoid_forward hardswish hardswish_ hardtanh hardtanh_ hardsigmoid hardsigmoid_ relu relu_ leaky_relu
+leaky_relu_ elu elu_ silu silu_ gelu gelu_ mish mish_ softplus threshold threshold_ sigmoid sigmoid_ tanh tanh_
+floor_divide fix numpy_T mT mH adjoint expand_copy
 _local_scalar_dense item is_nonzero equal allclose isclose is_same_size complex polar cross linalg_cross
 linalg_inv_ex _linalg_solve_ex linalg_cholesky_ex _linalg_det _linalg_svd linalg_qr _linalg_eigh
 linalg_lu_factor_ex linalg_lu_solve triangular_solve linalg_solve_triangular _fft_r2c _fft_c2r _fft_c2c

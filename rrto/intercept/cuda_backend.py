@@ -13,6 +13,16 @@ Two pieces make a CPU-only torch behave like a one-GPU build up to the dispatche
   ``copy_`` is the one C++ applies to them with Python dispatch excluded.
   Unlike a dispatch mode, the fallback costs nothing for the app's CPU ops and is not
   per thread.
+
+A build with CUDA (pip's default torch on x86, a Jetson's) has real kernels at that key,
+and a fallback only serves ops without one: ``torch.arange(n, device="cuda")`` reached the
+real kernel through ``empty`` and handed the app a real cuda tensor (or failed on a robot
+with no GPU). There the tensor-less ops with a CUDA kernel of their own (``empty``,
+``empty_strided``, ``eye``, ``randperm``...) are routed to the runtime too; composite
+factories build on them. Its device guard is set aside as well (``native/cuda_guard.cpp``),
+and cuDNN is switched off for the app: ``batch_norm`` picks ``cudnn_batch_norm`` for a cuda
+input where torch has cuDNN, a backend-private op no server serves (it runs
+``native_batch_norm``, which the server's GPU runs with its own kernels).
 """
 from __future__ import annotations
 
@@ -96,11 +106,44 @@ def install(runtime) -> callable:
     # copy_ has a composite kernel, which wins over a fallback and would end in a missing
     # CUDA kernel; it is the op C++ uses on our tensors with Python dispatch excluded.
     libs[1].impl("copy_", copy_, "CUDA")
+    with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
+        warnings.simplefilter("ignore")
+        for name, op in cuda_factories():
+            libs[1].impl(name, _routed(runtime, op), "CUDA")
 
-    def uninstall() -> None:
+    cudnn = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+
+    def uninstall() -> None:  # (a CUDA build's own kernels come back when the Library is destroyed)
         for lib in libs:
             lib._destroy()
+        torch.backends.cudnn.enabled = cudnn
         if _guard_lib is not None:
             _guard_lib.rrto_unregister_cuda_guard()
 
     return uninstall
+
+
+def cuda_factories() -> list[tuple[str, "torch._ops.OpOverload"]]:
+    """(name, op) of each aten op that takes no tensor and has a kernel at the CUDA key: none
+    in a CPU-only build, ~50 factories in a build with CUDA."""
+    out = []
+    for qualified in torch._C._dispatch_get_all_op_names():
+        if not qualified.startswith("aten::") or \
+                not torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CUDA"):
+            continue
+        name, _, overload = qualified[len("aten::"):].partition(".")
+        try:
+            schema = torch._C._get_schema(f"aten::{name}", overload)
+            op = getattr(getattr(torch.ops.aten, name), overload or "default")
+        except (RuntimeError, AttributeError):
+            continue
+        if not any("Tensor" in str(a.type) for a in schema.arguments):
+            out.append((qualified[len("aten::"):], op))
+    return out
+
+
+def _routed(runtime, op):
+    def kernel(*args, **kwargs):
+        return runtime.call(op, args, kwargs)
+    return kernel
