@@ -65,6 +65,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="the robot process's CPU quota in cores, e.g. 0.5; 0: no limit (default %(default)s)")
     p.add_argument("--server-device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="where rrto-server and the direct server run ops (default: cuda if present)")
+    p.add_argument("--no-capture", action="store_true",
+                   help="start rrto-server with --no-capture: programs run op by op, no traced graph or CUDA graph")
     p.add_argument("--server-threads", type=int, metavar="N",
                    help="torch threads of the servers (default: the cores the robot's quota leaves, at least 1)")
     p.add_argument("--shared-cores", action="store_true",
@@ -92,7 +94,8 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     return Settings(workloads=[parse_workload(m) for m in _list(pick("models"))],
                     links=[parse_link(x) for x in _list(pick("links"))], modes=modes, out=Path(ns.out),
                     frames=frames, warmup=warmup, repeats=repeats, robot_cpu=ns.robot_cpu or None,
-                    server_device=ns.server_device, server_threads=ns.server_threads, emulation=ns.emulation,
+                    server_device=ns.server_device,
+                    server_capture=not ns.no_capture, server_threads=ns.server_threads, emulation=ns.emulation,
                     separate_cores=not ns.shared_cores, power=PowerModel.parse(ns.power),
                     run_timeout=ns.run_timeout)
 

@@ -52,6 +52,7 @@ class Settings:
     repeats: int = 3
     robot_cpu: float | None = 1.0
     server_device: str = "auto"
+    server_capture: bool = True  # False: rrto-server --no-capture (its programs run op by op)
     server_threads: int | None = None  # torch threads of the servers; None: the cores the robot leaves
     emulation: str = "auto"  # auto, netns or userspace
     separate_cores: bool = True  # robot and servers pinned to disjoint cores (CoreSplit)
@@ -175,6 +176,7 @@ def _run(s: Settings, cleanup: Cleanup) -> dict:
     if any(ok and m not in ("direct", "local") for m, ok in modes.items()):
         _, m = start_server([py, "-m", "server", "--listen", f"tcp://{host}:0", "--device", s.server_device,
                              "--log-level", "warning", "--exit-with-parent", "--heap-mmap-mb", "32",
+                             *([] if s.server_capture else ["--no-capture"]),
                              *(["--insecure"] if host not in ("127.0.0.1", "localhost") else [])],
                             # the veth pair lives in namespaces of our own: no other machine reaches it
                             r"listening on tcp://([\d.]+):(\d+) \(device (\S+), torch ([^,)]+)[,)]")
@@ -239,6 +241,7 @@ def _run(s: Settings, cleanup: Cleanup) -> dict:
         "namespaces": [net.robot_ns, net.server_ns] if net.kind == "netns" else [],
         "robot": {**cpu.describe(), **cores.describe()},
         "settings": {"frames": s.frames, "warmup": s.warmup, "repeats": s.repeats, "server_device": s.server_device,
+                     "server_capture": s.server_capture,
                      "models": [w.name for w in s.workloads], "modes": s.modes},
         "power_model": s.power.as_dict(),
         "links": links,

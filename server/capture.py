@@ -19,8 +19,9 @@ traced; a step inside reads an output in the layout the op list would give it
 and fills it: ``arange``'s way) is zeroed inside the graph where it is made, as the op
 list zeroes it at binding, and is bound as grown; a stretch would otherwise end at each
 (the keypoint net's grid ``arange``s cut its program in four).
-On a CUDA server this is where a CUDA graph would be captured instead; there the op list
-still runs (not measured on a GPU yet).
+
+On a CUDA server the stretch is captured as a CUDA graph instead (``CudaGraph``): one
+launch replays its kernels, the same kernels the op list would launch, so again bit-equal.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ MIN_STEPS = 8  # shorter stretches stay op by op: a graph call has its own fixed
 MAX_EPOCHS = 8  # a program whose layouts keep changing stops being traced after this many
 steps_run = 0  # steps this server process ran inside segments (the daemon's stats report it)
 outputs_left_out = 0  # outputs of those steps no handle ever named (``Segment.elided``)
+graphs_captured = 0  # segments captured as CUDA graphs
 
 torch._C._set_graph_executor_optimize(False)  # run the traced ops as traced: no fusion, no folding
 
@@ -109,8 +111,9 @@ class Segment:
         except KeyError:
             return None
 
-    def trace(self, values: list) -> bool:
-        """Trace the steps once on ``values``, this run's inputs (the segment writes none of them)."""
+    def trace(self, values: list, device: torch.device = torch.device("cpu")) -> bool:
+        """Trace the steps once on ``values``, this run's inputs (the segment writes none of them);
+        on a CUDA ``device``, capture them as a CUDA graph."""
         layouts, elided, read = self.layouts, self.elided, self.read
         grown = set(self._grows.values())
         actions: list = []  # per output: what binding it takes, decided on the eager pass
@@ -160,10 +163,15 @@ class Segment:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 run(*values, eager=True)
-                self.graph = torch.jit.trace(run, tuple(values), check_trace=False, strict=False)
+                if device.type == "cuda":
+                    self.graph = CudaGraph(run, values, [k == 2 for k, _ in self.sources])
+                else:
+                    self.graph = torch.jit.trace(run, tuple(values), check_trace=False, strict=False)
         except Exception:  # noqa: BLE001 - anything the tracer cannot take stays op by op
             self.broken = True
             return False
+        global graphs_captured
+        graphs_captured += device.type == "cuda"
         return True
 
     def run(self, session, values: list, base: int) -> tuple | None:
@@ -230,6 +238,76 @@ class Segment:
             i = self._index[key] = len(self.sources)
             self.sources.append(src)
         return _In(i)
+
+
+class CudaGraph:
+    """A segment's kernels captured once as a CUDA graph, called as the traced graph would be.
+
+    A graph reads and writes fixed addresses. Each call copies the inputs that change (all but
+    the fixed tensors, which are the same tensors every run) into the buffers it was captured
+    on, and replays. Its outputs live in the graph's own memory, which the next replay
+    overwrites while the robot may still hold this iteration's: each is handed out in memory
+    of its own, aliasing kept (outputs viewing one tensor view one copy of it; an output
+    viewing an input views the input given; one viewing a fixed tensor is that view)."""
+
+    def __init__(self, run, values: list, fixed: list):
+        self.fixed = fixed
+        self.static = [v if f else _same_layout(v) for v, f in zip(values, fixed)]
+        side = torch.cuda.Stream()  # warm up on a side stream, as the capture runs: cuBLAS and
+        side.wait_stream(torch.cuda.current_stream())  # cuDNN set up their workspaces outside it
+        with torch.cuda.stream(side):
+            run(*self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: other sessions' threads keep running ops (and allocating) meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outs = run(*self.static)
+        inputs = {_base(s): i for i, (s, f) in enumerate(zip(self.static, fixed)) if not f}
+        owned: dict = {}  # storage in the graph's memory -> its copy's place in ``pool``
+        self.where = []  # per output: ("pool", n), ("input", i) or ("fixed", None)
+        for t in self.outs:
+            b = _base(t)
+            if b in inputs:
+                self.where.append(("input", inputs[b]))
+            elif any(f and b == _base(v) for v, f in zip(values, fixed)):
+                self.where.append(("fixed", None))
+            else:
+                self.where.append(("pool", owned.setdefault(b, len(owned))))
+        self.pool = [None] * len(owned)
+        for t, (kind, n) in zip(self.outs, self.where):
+            if kind == "pool":
+                self.pool[n] = t.untyped_storage()
+
+    def __call__(self, *values) -> tuple:
+        for s, v, f in zip(self.static, values, self.fixed):
+            if f:
+                continue
+            if v.shape != s.shape or v.stride() != s.stride() or v.storage_offset() != s.storage_offset() \
+                    or v.dtype != s.dtype:
+                raise Unfit("an input is not laid out as when captured")
+            s.copy_(v)
+        self.graph.replay()
+        copies = [st.clone() for st in self.pool]
+        outs = []
+        for t, (kind, n) in zip(self.outs, self.where):
+            if kind == "fixed":
+                outs.append(t)
+            else:
+                st = copies[n] if kind == "pool" else values[n].untyped_storage()
+                outs.append(torch.empty(0, dtype=t.dtype, device=t.device).set_(st, t.storage_offset(), t.shape,
+                                                                                  t.stride()))
+        return tuple(outs)
+
+
+def _same_layout(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``t``'s layout and storage size in memory of its own, holding ``t``'s values."""
+    st = torch.UntypedStorage(t.untyped_storage().nbytes(), device=t.device)
+    out = torch.empty(0, dtype=t.dtype, device=t.device).set_(st, t.storage_offset(), t.shape, t.stride())
+    return out.copy_(t)
+
+
+def _base(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def plan(steps: list, epoch: int, dropped: frozenset = frozenset()) -> dict:

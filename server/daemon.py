@@ -265,6 +265,7 @@ class Daemon:
         reply = {"t": "stats", "q": q, "sessions": len(self.sessions), "closing": len(live),
                  "tensor_bytes": sum(s.live_bytes for s in held), "queued_bytes": sum(s.pending_bytes for s in held),
                  "captured_steps": capture.steps_run, "outputs_left_out": capture.outputs_left_out,
+                 "cuda_graphs": capture.graphs_captured,
                  # objects a full collection walks, and those frozen after the warm-up (ops.warm_up)
                  "gc_tracked_objects": len(gc.get_objects()), "gc_frozen_objects": gc.get_freeze_count()}
         self.send([identity, *codec.pack(reply)])

@@ -205,7 +205,8 @@ class Program:
         if epoch != self.seen_epoch:
             self.seen_epoch = epoch
             return {}
-        if session.device.type != "cpu" or not capture.ENABLED or len(self.segments) >= capture.MAX_EPOCHS:
+        if session.device.type not in ("cpu", "cuda") or not capture.ENABLED or \
+                len(self.segments) >= capture.MAX_EPOCHS:
             return {}
         segments = self.segments[epoch] = capture.plan(self.steps, epoch, self.dropped)
         return segments
@@ -229,7 +230,7 @@ class Program:
         if seg.graph is None and any(self.steps[j].epoch != self.epoch for j in range(seg.start, seg.end)):
             return False  # (back in its epoch, steps sized since in another: op by op once re-sizes them)
         session.reserve(seg.new_bytes)  # (tracing runs the steps too)
-        if seg.graph is None and not seg.trace(values):
+        if seg.graph is None and not seg.trace(values, session.device):
             return False
         run.made.extend(seg.made)  # (before binding: an error half-way leaves its handles to settle)
         outs = seg.run(session, values, base)
