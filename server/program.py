@@ -128,6 +128,7 @@ class Program:
         self.epochs: dict[tuple, int] = {}  # layout key -> its epoch
         self.seen_epoch = -1  # the epoch of the last run ahead: segments are planned on its second
         self.segments: dict[int, dict] = {}  # epoch -> first step -> capture.Segment
+        self.graph_bytes = 0  # memory the segments' CUDA graphs keep, counted to the session
         # Outputs the robot expects to drop within each iteration (it says so with a run ahead):
         # kept alive to be bound, ~300 of them made a CPU server's MobileNetV2 run 15 % slower
         # (its memory could not be reused) and the next upload freed them on the critical path.
@@ -211,7 +212,13 @@ class Program:
         segments = self.segments[epoch] = capture.plan(self.steps, epoch, self.dropped)
         return segments
 
-    def expect_dropped(self, offsets: frozenset) -> None:
+    def release(self, session) -> None:
+        """Let the segments go, and with them the memory their CUDA graphs kept."""
+        self.segments.clear()
+        session.hold(-self.graph_bytes)
+        self.graph_bytes = 0
+
+    def expect_dropped(self, session, offsets: frozenset) -> None:
         """The robot expects to drop the outputs at ``offsets`` before each iteration ends: its
         segments need not return them (``capture.Segment.elided``); it names those it still holds
         when it settles (``AheadRun.settle``). A change plans the segments again; after
@@ -220,7 +227,7 @@ class Program:
             return
         self.dropped_changes += 1
         self.dropped = offsets if self.dropped_changes <= capture.MAX_EPOCHS else frozenset()
-        self.segments.clear()
+        self.release(session)
 
     def _run_segment(self, seg, session, base: int, slots: dict, run: "AheadRun") -> bool:
         """Run a captured segment in place of its steps; False: they run op by op (nothing was bound)."""
@@ -230,8 +237,12 @@ class Program:
         if seg.graph is None and any(self.steps[j].epoch != self.epoch for j in range(seg.start, seg.end)):
             return False  # (back in its epoch, steps sized since in another: op by op once re-sizes them)
         session.reserve(seg.new_bytes)  # (tracing runs the steps too)
-        if seg.graph is None and not seg.trace(values, session.device):
-            return False
+        if seg.graph is None:
+            if not seg.trace(values, session.device):
+                return False
+            if session.device.type == "cuda":  # a CUDA graph keeps the memory its steps made
+                session.hold(seg.new_bytes)  # (fits: reserved just above)
+                self.graph_bytes += seg.new_bytes
         run.made.extend(seg.made)  # (before binding: an error half-way leaves its handles to settle)
         outs = seg.run(session, values, base)
         if outs is None:

@@ -334,7 +334,9 @@ class Session:
     def _register(self, h: dict, frames: list) -> tuple[dict, list]:
         drop = h.get("drop")
         if drop is not None:
-            self.programs.pop(drop, None)
+            dropped = self.programs.pop(drop, None)
+            if dropped is not None:
+                dropped.release(self)
         if len(self.programs) >= MAX_PROGRAMS:
             raise OpError(f"this session holds {MAX_PROGRAMS} programs, the most it may; drop one first", kind="quota")
         prog = Program.decode(h, frames, self)
@@ -375,7 +377,7 @@ class Session:
             self._ahead_run = None
         prog, base, a, b, slots = self._program_run(ah)
         if ad is not None:  # (first: the robot counts on it from now on, run ahead or not)
-            prog.expect_dropped(_offsets(ad, prog.outputs))
+            prog.expect_dropped(self, _offsets(ad, prog.outputs))
         if type(aq) is not list or not all(type(q) is int for q in aq) \
                 or len(aq) != sum(prog.answered[a:b]):
             raise OpError("a run ahead needs one reply number in 'aq' per wait in its steps")
