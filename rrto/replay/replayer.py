@@ -104,11 +104,12 @@ class Replayer:
         prog = self.program
         step = prog.steps[self.pos]
         self._ask = None
+        # (a key that is the step's very object, as the runtime's plan cache makes it, is equal)
         if step.kind != kind or (pattern is not None and step.pattern != pattern) or \
-                (key != step.key and erase(key) != step.ekey):
+                (key is not step.key and key != step.key and erase(key) != step.ekey):
             return self._diverge(step)
         base = self.base if self.pos else self._next_base
-        slots = []
+        slots = None
         for t, r in zip(tensors, step.roles):
             h = getattr(t, "_h", None)
             role = r[0]
@@ -121,7 +122,10 @@ class Replayer:
             elif role == EXT:
                 if h is None:
                     return self._diverge(step)
-                slots += (r[1], h)
+                if slots is None:
+                    slots = [r[1], h]
+                else:
+                    slots += (r[1], h)
             elif role == CPU:
                 if h is not None or cpu_bytes(t) != r[1]:
                     return self._diverge(step)
@@ -140,7 +144,8 @@ class Replayer:
                     run = self._run = [prog.pid, self.base, pos, pos, []]
                     self._pending.append(run)
                 run[3] = pos + 1
-                run[4] += slots
+                if slots:
+                    run[4] += slots
         elif self._reply_numbers is not None and not self._no_ahead and kind != "seed":
             self._ask = pos
         self._last = pos
