@@ -19,6 +19,10 @@ aten = torch.ops.aten
 _DATA_FACTORIES = {torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor}
 _BACKWARD = {torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad}
 _CPU = torch.device("cpu")
+# Every func __torch_function__ does more with than call it; the rest, called without keywords
+# (most ops of a forward pass), take the short way: one set lookup.
+_HANDLED = frozenset((*SHORTCUTS, torch.Tensor.cuda, torch.Tensor.to, *_BACKWARD, torch.Tensor.pin_memory,
+                      torch._has_compatible_shallow_copy_type))
 
 
 def _is_cuda(device) -> bool:
@@ -40,6 +44,8 @@ class DeviceFunctionMode(TorchFunctionMode):
         self.local = runtime is None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not kwargs and func not in _HANDLED:
+            return func(*args)
         kwargs = kwargs or {}
         short = SHORTCUTS.get(func)
         if short is not None and not self.local:
