@@ -839,8 +839,18 @@ def _sig(x, tensors: list):
         return x._meta
     if t in _PLAIN:
         return x
-    if t is tuple or t is list:  # (the scalars of a stride or padding list without a call each)
-        return tuple([y if type(y) in _PLAIN else _sig(y, tensors) for y in x])
+    if t is tuple or t is list:  # (its tensors and scalars without a call each: an op's args pass here)
+        out = []
+        for y in x:
+            ty = type(y)
+            if ty is RemoteTensor:
+                tensors.append(y)
+                out.append(y._meta)
+            elif ty in _PLAIN:
+                out.append(y)
+            else:
+                out.append(_sig(y, tensors))
+        return tuple(out)
     if t is dict:
         return tuple([(k, _sig(v, tensors)) for k, v in x.items()])
     if isinstance(x, torch.Tensor):
