@@ -133,9 +133,13 @@ def attach(node: OpNode, tensors: list, made: list) -> int:
     lin, depth = node.lin, node.out
     node.out = None
     for k, m in lin.news:
-        made[k]._st = Storage(Version(None, node, k, depth, m))
+        t = made[k]
+        if t is not None:  # (None: an output the caller drops unmade, see Runtime.call)
+            t._st = Storage(Version(None, node, k, depth, m))
     for k, i in lin.views:
-        made[k]._st = tensors[i]._st
+        t = made[k]
+        if t is not None:
+            t._st = tensors[i]._st
     for i in lin.writes:
         st = tensors[i]._st
         st.node = Version(None, node, -1 - i, depth, st.node.base)

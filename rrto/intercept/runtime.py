@@ -70,6 +70,7 @@ class Plan:
     pattern: tuple | None = None  # per output: new tensor (True) or an input given back (False)
     nkey: int = 0  # the op log's level-1 key
     lin: Any = None  # lineage.Lin: how its outputs' values follow from its inputs' (made on first use)
+    all_new: bool = False  # the result is a tuple of new tensors, nothing else
     key: Any = None  # the signature it is cached under: the one object every call with it records
 
 
@@ -109,8 +110,13 @@ class Runtime:
 
     # -- the hot path ----------------------------------------------------------------
 
-    def call(self, func, args: tuple, kwargs: dict):
-        """Run one aten op whose tensors (or device) are on the virtual cuda device."""
+    def call(self, func, args: tuple, kwargs: dict, first: bool = False):
+        """Run one aten op whose tensors (or device) are on the virtual cuda device.
+
+        ``first``: the caller keeps the first output only and drops the others at once (batch
+        norm's shortcut). A replayed op then makes no RemoteTensors for them: they come back
+        as None and their handles are freed here, as their wrappers' deaths would.
+        """
         if self.closed:
             raise RrtoError(f"{func}: this tensor belongs to an rrto session that has ended "
                             "(rrto.disable() was called); its data is gone with the server")
@@ -168,6 +174,19 @@ class Runtime:
                         if rep.unstable:
                             rep.log_replayed(step, key, tensors, (h,))
                         return out
+                    if first and plan.all_new:  # (two wrappers of three, made and freed, per batch norm)
+                        base, offs = rep.base, step.out_offsets
+                        out = remote(tpl[0], base + offs[0], self)
+                        if self.epoch:
+                            out._ep = self.epoch
+                        made = [None] * len(offs)
+                        made[0] = out
+                        self._attach(node, tensors, made)
+                        if rep.unstable:
+                            rep.log_replayed(step, key, tensors, [base + o for o in offs])
+                        for o in offs[1:]:
+                            self.release(base + o)
+                        return made
                     base, handles, made = rep.base, [], []
                     fresh = iter([base + o for o in step.out_offsets if o is not None])
                     out = self._materialize(plan.template, tensors, handles, fresh, made)
@@ -219,8 +238,11 @@ class Runtime:
                 _set_meta(out, tpl.meta)
             made.append(out)
             return out
-        if t is tuple or t is list:
-            return t(self._materialize(x, tensors, handles, fresh, made) for x in tpl)
+        if t is tuple or t is list:  # (a loop: no generator object per multi-output op)
+            out = []
+            for x in tpl:
+                out.append(self._materialize(x, tensors, handles, fresh, made))
+            return out if t is list else tuple(out)
         return tpl
 
     def _lineage(self, plan: Plan, func, sig, tensors: list) -> lineage.OpNode:
@@ -301,7 +323,8 @@ class Runtime:
         if not func._schema.is_mutable and (_no_tensors(res) or type(template) is Alias):
             return Plan(name, template=template, local=True)  # metadata answers it: no message
         return Plan(name, template=template, uploads=uploads, pattern=_pattern(template, []),
-                    nkey=name_key(OP, name))
+                    nkey=name_key(OP, name),
+                    all_new=type(template) is tuple and all(type(x) is TensorMeta for x in template))
 
     def _wire_name(self, func) -> str:
         name = self._names.get(func)

@@ -37,7 +37,7 @@ def _batch_norm(input=None, running_mean=None, running_var=None, weight=None, bi
         return NotImplemented
     return input._rt.call(aten.native_batch_norm.default,
                           (input, weight, bias, running_mean, running_var, False, float(momentum), float(eps)),
-                          {})[0]
+                          {}, first=True)[0]
 
 
 def _spatial(v, n: int) -> list | None:
