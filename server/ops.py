@@ -171,6 +171,8 @@ def signature(x):
         return tuple((k, signature(v)) for k, v in x.items())
     if isinstance(x, torch.Generator):
         return "generator"
+    if type(x) is float or type(x) is bool:  # 1 == 1.0 == True, but an int tensor plus 1.0 is float
+        return (type(x), x)
     return x
 
 

@@ -156,6 +156,28 @@ def test_scalar_argument_changes(server):
     assert replayed_between(replayed, 14, 20) == 6, replayed
 
 
+def test_a_scalar_equal_in_value_but_not_in_type_changes(server):
+    """1, 1.0 and True are equal in Python, but an int tensor plus 1.0 is a float tensor and a
+    mask plus 1 an int one: the plan cache and the replay check must tell them apart."""
+    xs = frames_of(16, 24)
+
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"] = TinyNet().eval().to(dev)
+        offset = 1 if i < 8 else 1.0 if i < 16 else True
+        with torch.no_grad():
+            f = st["net"](xs[i].to(dev))
+            counts = (f > 0).sum(1)  # int64
+            return torch.cat([(counts + offset).float(), (counts + offset) / 3,
+                              ((f > 0) + offset).flatten().float(), counts.clamp(min=offset * 2) / 2]).cpu()
+
+    local, _ = run_loop(step, 24, None)
+    remote, (replayed, s) = run_loop(step, 24, server.url)
+    assert_same(local, remote)
+    assert s["replay_divergences"] >= 2, s  # frames 8 and 16 leave the recording
+    assert replayed_between(replayed, 20, 24) == 4, replayed
+
+
 def test_weights_updated_in_place_between_frames(server):
     xs = frames_of(16, 20)
 

@@ -374,6 +374,18 @@ def test_convolutions_equal_torchs_own_path(remote, dims, kw):
     assert torch.equal(out.cpu(), expected)
 
 
+def test_scalars_equal_in_value_but_not_in_type_promote_as_torch_does(remote):
+    """1 == 1.0 == True in Python: neither the robot's plans nor the server's meta kernels may
+    take one's result type for another's (an int tensor plus 1.0 is float, a mask plus True bool)."""
+    x = torch.tensor([[0.5, -1.0], [2.0, 0.1]])
+    gx = x.to("cuda")
+    for offset in (1, 1.0, True, 1, True, 1.0):
+        for fn in (lambda t: (t > 0).sum(1) + offset, lambda t: (t > 0) + offset,
+                   lambda t: (t > 0).sum(1).clamp(min=offset * 2), lambda t: torch.full((2,), offset, device=t.device) + (t[0] > 0)):
+            want, got = fn(x), fn(gx).cpu()
+            assert got.dtype == want.dtype and torch.equal(got, want), (offset, want, got)
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norm_in_eval_is_one_op_and_equals_torch(remote, affine):
     torch.manual_seed(3)

@@ -127,7 +127,10 @@ class Runtime:
             if out is not NotImplemented:
                 return out
         tensors: list = []
-        sig = key = (func, _sig(args, tensors), _sig(kwargs, tensors) if kwargs else None)
+        kinds: list = []
+        sig = key = (func, _sig(args, tensors, kinds), _sig(kwargs, tensors, kinds) if kwargs else None)
+        if float in kinds or bool in kinds:  # 1, 1.0 and True are equal keys but promote differently
+            key = (*sig, tuple(kinds))
         if self.epoch and not self.lost:
             self._revive(tensors)
         if self.lost:
@@ -852,15 +855,19 @@ def _pattern(tpl, out: list) -> tuple:
 
 _PLAIN = frozenset({int, float, bool, type(None), str, torch.dtype, torch.device, torch.memory_format,
                     torch.layout})
+_NUMBERS = frozenset({int, float, bool})
 
 
-def _sig(x, tensors: list):
-    """Hashable signature of op arguments; collects their tensors in order."""
+def _sig(x, tensors: list, kinds: list):
+    """Hashable signature of op arguments; collects their tensors in order, and the type of
+    each number in ``kinds`` (``1 == 1.0 == True``, but an int tensor plus 1.0 is float)."""
     t = type(x)
     if t is RemoteTensor:
         tensors.append(x)
         return x._meta
     if t in _PLAIN:
+        if t in _NUMBERS:
+            kinds.append(t)
         return x
     if t is tuple or t is list:  # (its tensors and scalars without a call each: an op's args pass here)
         out = []
@@ -871,11 +878,13 @@ def _sig(x, tensors: list):
                 out.append(y._meta)
             elif ty in _PLAIN:
                 out.append(y)
+                if ty in _NUMBERS:
+                    kinds.append(ty)
             else:
-                out.append(_sig(y, tensors))
+                out.append(_sig(y, tensors, kinds))
         return tuple(out)
     if t is dict:
-        return tuple([(k, _sig(v, tensors)) for k, v in x.items()])
+        return tuple([(k, _sig(v, tensors, kinds)) for k, v in x.items()])
     if isinstance(x, torch.Tensor):
         tensors.append(x)
         return ("cpu", x.device, tuple(x.shape), x.stride(), x.storage_offset(), x.dtype)
