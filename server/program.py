@@ -424,7 +424,7 @@ class AheadRun:
     """What a run ahead did, so that the robot's confirmation can settle it.
 
     ``made``: (step, output offsets from ``base``) in order; ``undo``: (step, tensor, its old
-    value) for every in-place write; ``end``: the first step not run; ``unbound``: (segment,
+    value, its old layout) for every in-place write; ``end``: the first step not run; ``unbound``: (segment,
     its outputs) whose outputs no later step reads, bound once the replies are sent.
     """
 
@@ -446,15 +446,17 @@ class AheadRun:
             n = t.numel() * t.element_size()
             session.hold(n)
             self.held += n
-            self.undo.append((self.end, t, t.clone()))
+            self.undo.append((self.end, t, t.clone(), (t.shape, t.stride(), t.storage_offset())))
         return True
 
     def settle(self, session, reached: int, slots: dict, held: frozenset = frozenset()) -> None:
         """The robot confirmed the app reached steps before ``reached`` (and no further, if it
         is before the end): undo what ran past it; run what was stopped short of it; make again
         the outputs a segment left out that the robot still ``held`` (it expected to drop them)."""
-        for i, t, old in reversed(self.undo):  # (a step that failed half-way is undone too)
+        for i, t, old, (shape, stride, offset) in reversed(self.undo):  # (one that failed half-way too)
             if i >= reached:
+                if t.shape != shape or t.stride() != stride or t.storage_offset() != offset:
+                    t.set_(t.untyped_storage(), offset, shape, stride)  # an out= step grew it (arange's empty)
                 t.copy_(old)
         # A segment keeps no old values: one the app turned away inside is made again up to the
         # turn, op by op from its inputs, which it never writes.

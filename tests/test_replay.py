@@ -178,6 +178,33 @@ def test_a_scalar_equal_in_value_but_not_in_type_changes(server):
     assert replayed_between(replayed, 20, 24) == 4, replayed
 
 
+def test_a_scalar_that_changes_every_third_frame_before_a_data_dependent_tail(server):
+    """Every third frame divides by another number: replay leaves the recording at the division,
+    after the server ran the whole frame ahead. On the way it grew tensors in place: a
+    ``torch.arange(n, device=...)`` is an ``empty`` that ``arange.out`` grows (the keypoint
+    net's grid). Turning back must shrink them again before restoring their old values."""
+    xs = frames_of(16, 24)
+    torch.manual_seed(7)
+    head = nn.Linear(8, 6)
+
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"] = (TinyNet().eval().to(dev), copy.deepcopy(head).to(dev))
+        net, lin = st["net"]
+        with torch.no_grad():
+            x = xs[i].to(dev) / (254.0 if i % 3 == 0 else 255.0)
+            f = torch.relu(net.conv(x)).flatten(2).transpose(1, 2)[0]  # (pixels, 8)
+            pred = lin(f) + torch.arange(6, device=dev) / 10
+            keep = pred[pred[:, 4] > 0.4]
+            order = keep[:, 4].argsort(descending=True)[:5]
+            return keep[order].cpu()
+
+    local, _ = run_loop(step, 24, None)
+    remote, (replayed, s) = run_loop(step, 24, server.url)
+    assert_same(local, remote)
+    assert s["replay_divergences"] >= 4, s
+
+
 def test_weights_updated_in_place_between_frames(server):
     xs = frames_of(16, 20)
 
