@@ -27,6 +27,7 @@ input where torch has cuDNN, a backend-private op no server serves (it runs
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -124,6 +125,7 @@ def install(runtime) -> callable:
     return uninstall
 
 
+@functools.cache  # (aten's ops are fixed once torch is imported; ~10 ms to list)
 def cuda_factories() -> list[tuple[str, "torch._ops.OpOverload"]]:
     """(name, op) of each aten op that takes no tensor and has a kernel at the CUDA key: none
     in a CPU-only build, ~50 factories in a build with CUDA."""
