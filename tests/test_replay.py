@@ -178,6 +178,20 @@ def test_a_scalar_equal_in_value_but_not_in_type_changes(server):
     assert replayed_between(replayed, 20, 24) == 4, replayed
 
 
+def test_a_zero_that_changes_sign(server):
+    """0.0 == -0.0, but 1 / (x * -0.0) is -inf where 1 / (x * 0.0) is inf."""
+    xs = [x.abs() + 0.1 for x in frames_of(8, 16)]
+
+    def step(i, dev, st):
+        zero = 0.0 if i < 8 else -0.0
+        return (1 / (xs[i].to(dev) * zero)).sum((2, 3)).cpu()
+
+    local, _ = run_loop(step, 16, None)
+    remote, (replayed, s) = run_loop(step, 16, server.url)
+    assert_same(local, remote)
+    assert s["replay_divergences"] >= 1 and replayed_between(replayed, 12, 16) == 4, (replayed, s)
+
+
 def test_a_scalar_that_changes_every_third_frame_before_a_data_dependent_tail(server):
     """Every third frame divides by another number: replay leaves the recording at the division,
     after the server ran the whole frame ahead. On the way it grew tensors in place: a

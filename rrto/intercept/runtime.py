@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import math
 import os
 import sys
 import threading
@@ -856,11 +857,13 @@ def _pattern(tpl, out: list) -> tuple:
 _PLAIN = frozenset({int, float, bool, type(None), str, torch.dtype, torch.device, torch.memory_format,
                     torch.layout})
 _NUMBERS = frozenset({int, float, bool})
+_NEGATIVE_ZERO = "-0.0"  # in ``kinds`` after a float that is -0.0
 
 
 def _sig(x, tensors: list, kinds: list):
     """Hashable signature of op arguments; collects their tensors in order, and the type of
-    each number in ``kinds`` (``1 == 1.0 == True``, but an int tensor plus 1.0 is float)."""
+    each number in ``kinds`` (``1 == 1.0 == True``, but an int tensor plus 1.0 is float; and
+    ``0.0 == -0.0``, but ``1 / -0.0`` is ``-inf``)."""
     t = type(x)
     if t is RemoteTensor:
         tensors.append(x)
@@ -868,6 +871,8 @@ def _sig(x, tensors: list, kinds: list):
     if t in _PLAIN:
         if t in _NUMBERS:
             kinds.append(t)
+            if t is float and not x and math.copysign(1.0, x) < 0:
+                kinds.append(_NEGATIVE_ZERO)
         return x
     if t is tuple or t is list:  # (its tensors and scalars without a call each: an op's args pass here)
         out = []
@@ -880,6 +885,8 @@ def _sig(x, tensors: list, kinds: list):
                 out.append(y)
                 if ty in _NUMBERS:
                     kinds.append(ty)
+                    if ty is float and not y and math.copysign(1.0, y) < 0:
+                        kinds.append(_NEGATIVE_ZERO)
             else:
                 out.append(_sig(y, tensors, kinds))
         return tuple(out)
