@@ -248,7 +248,7 @@ class CudaGraph:
     on, and replays. Its outputs live in the graph's own memory, which the next replay
     overwrites while the robot may still hold this iteration's: each is handed out in memory
     of its own, aliasing kept (outputs viewing one tensor view one copy of it; an output
-    viewing an input views the input given; one viewing a fixed tensor is that view)."""
+    viewing an input views the input given; one viewing a fixed tensor views that tensor)."""
 
     def __init__(self, run, values: list, fixed: list):
         self.fixed = fixed
@@ -289,13 +289,11 @@ class CudaGraph:
         self.graph.replay()
         copies = [st.clone() for st in self.pool]
         outs = []
-        for t, (kind, n) in zip(self.outs, self.where):
-            if kind == "fixed":
-                outs.append(t)
-            else:
-                st = copies[n] if kind == "pool" else values[n].untyped_storage()
-                outs.append(torch.empty(0, dtype=t.dtype, device=t.device).set_(st, t.storage_offset(), t.shape,
-                                                                                  t.stride()))
+        for t, (kind, n) in zip(self.outs, self.where):  # (each a tensor of its own: an in-place
+            st = copies[n] if kind == "pool" else values[n].untyped_storage() if kind == "input" \
+                else t.untyped_storage()  # transpose_ on one handle must not move another's)
+            out = torch.empty(0, dtype=t.dtype, device=t.device)
+            outs.append(out.set_(st, t.storage_offset(), t.shape, t.stride()))
         return tuple(outs)
 
 
