@@ -128,7 +128,7 @@ def install(runtime) -> callable:
 @functools.cache  # (aten's ops are fixed once torch is imported; ~10 ms to list)
 def cuda_factories() -> list[tuple[str, "torch._ops.OpOverload"]]:
     """(name, op) of each aten op that takes no tensor and has a kernel at the CUDA key: none
-    in a CPU-only build, ~50 factories in a build with CUDA."""
+    in a CPU-only build, the factories (empty, empty_strided, eye, randperm...) in one with CUDA."""
     out = []
     for qualified in torch._C._dispatch_get_all_op_names():
         if not qualified.startswith("aten::") or \
