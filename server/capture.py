@@ -263,20 +263,21 @@ class CudaGraph:
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outs = run(*self.static)
         inputs = {_base(s): i for i, (s, f) in enumerate(zip(self.static, fixed)) if not f}
-        owned: dict = {}  # storage in the graph's memory -> its copy's place in ``pool``
+        fixed_bases = {_base(v) for v, f in zip(values, fixed) if f}
+        owned: dict = {}  # storage in the graph's memory -> its place in ``pool``
+        self.pool: list = []  # those storages, copied after each replay
         self.where = []  # per output: ("pool", n), ("input", i) or ("fixed", None)
         for t in self.outs:
             b = _base(t)
             if b in inputs:
                 self.where.append(("input", inputs[b]))
-            elif any(f and b == _base(v) for v, f in zip(values, fixed)):
+            elif b in fixed_bases:
                 self.where.append(("fixed", None))
             else:
-                self.where.append(("pool", owned.setdefault(b, len(owned))))
-        self.pool = [None] * len(owned)
-        for t, (kind, n) in zip(self.outs, self.where):
-            if kind == "pool":
-                self.pool[n] = t.untyped_storage()
+                if b not in owned:
+                    owned[b] = len(self.pool)
+                    self.pool.append(t.untyped_storage())
+                self.where.append(("pool", owned[b]))
 
     def __call__(self, *values) -> tuple:
         for s, v, f in zip(self.static, values, self.fixed):
@@ -292,16 +293,18 @@ class CudaGraph:
         for t, (kind, n) in zip(self.outs, self.where):  # (each a tensor of its own: an in-place
             st = copies[n] if kind == "pool" else values[n].untyped_storage() if kind == "input" \
                 else t.untyped_storage()  # transpose_ on one handle must not move another's)
-            out = torch.empty(0, dtype=t.dtype, device=t.device)
-            outs.append(out.set_(st, t.storage_offset(), t.shape, t.stride()))
+            outs.append(_laid_out_as(t, st))
         return tuple(outs)
+
+
+def _laid_out_as(t: torch.Tensor, storage: torch.UntypedStorage) -> torch.Tensor:
+    """A new tensor on ``storage`` with ``t``'s dtype, shape, strides and offset."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, t.storage_offset(), t.shape, t.stride())
 
 
 def _same_layout(t: torch.Tensor) -> torch.Tensor:
     """A tensor of ``t``'s layout and storage size in memory of its own, holding ``t``'s values."""
-    st = torch.UntypedStorage(t.untyped_storage().nbytes(), device=t.device)
-    out = torch.empty(0, dtype=t.dtype, device=t.device).set_(st, t.storage_offset(), t.shape, t.stride())
-    return out.copy_(t)
+    return _laid_out_as(t, torch.UntypedStorage(t.untyped_storage().nbytes(), device=t.device)).copy_(t)
 
 
 def _base(t: torch.Tensor) -> int:

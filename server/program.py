@@ -424,8 +424,9 @@ class AheadRun:
     """What a run ahead did, so that the robot's confirmation can settle it.
 
     ``made``: (step, output offsets from ``base``) in order; ``undo``: (step, tensor, its old
-    value, its old layout) for every in-place write; ``end``: the first step not run; ``unbound``: (segment,
-    its outputs) whose outputs no later step reads, bound once the replies are sent.
+    value, its old layout) for every in-place write; ``end``: the first step not run;
+    ``unbound``: (segment, its outputs) whose outputs no later step reads, bound once the
+    replies are sent.
     """
 
     def __init__(self, program: Program, base: int, start: int):
