@@ -96,12 +96,15 @@ class RemoteTensor(torch.Tensor):
 
 
 def remote(meta: TensorMeta, handle: int, runtime, _make=torch.Tensor._make_wrapper_subclass) -> RemoteTensor:
-    """``RemoteTensor(meta, handle, runtime)`` for the runtime's hot path: one per op output.
+    """``RemoteTensor(meta, handle, runtime)`` for the runtime's hot path, its handle of the
+    runtime's current server session (``_ep``): one per op output.
 
     The class call costs a Python ``__new__`` and ``__init__`` and keyword parsing on top of
     the wrapper itself (~0.25 of ~1.6 us per tensor)."""
     t = _make(RemoteTensor, meta[0], meta[1], meta[2], dtype=meta[3], device=CUDA0)
     t._rt, t._h, t._meta = runtime, handle, meta
+    if runtime.epoch:
+        t._ep = runtime.epoch
     return t
 
 

@@ -172,8 +172,6 @@ class Runtime:
                     if type(tpl) is TensorMeta:  # one new tensor (most ops): no lists, no iterator
                         h = rep.base + step.out_offsets[0]
                         out = remote(tpl, h, self)
-                        if self.epoch:
-                            out._ep = self.epoch
                         self._attach(node, tensors, (out,))
                         if rep.unstable:
                             rep.log_replayed(step, key, tensors, (h,))
@@ -181,8 +179,6 @@ class Runtime:
                     if first and plan.all_new:  # (two wrappers of three, made and freed, per batch norm)
                         base, offs = rep.base, step.out_offsets
                         out = remote(tpl[0], base + offs[0], self)
-                        if self.epoch:
-                            out._ep = self.epoch
                         made = [None] * len(offs)
                         made[0] = out
                         self._attach(node, tensors, made)
@@ -231,8 +227,6 @@ class Runtime:
             h = next(fresh)
             handles.append(h)
             out = remote(tpl, h, self)
-            if self.epoch:
-                out._ep = self.epoch
             made.append(out)
             return out
         if t is Alias:
@@ -281,9 +275,7 @@ class Runtime:
                 handles.append(None)
             else:
                 meta = TensorMeta(tuple(m[0]), tuple(m[1]), m[2], codec.dtype_of(m[3]))
-                out = RemoteTensor(meta, base + i, self)
-                if self.epoch:
-                    out._ep = self.epoch
+                out = remote(meta, base + i, self)
                 outs.append(out)
                 handles.append(base + i)
         lin = lineage.shaped_info(func, sig, outs, [h is not None for h in handles])
@@ -413,10 +405,8 @@ class Runtime:
                 rep.record(Event(PUT, name_key(PUT), key, outs=(h,)))
             elif rep.unstable:
                 rep.log_replayed(step, key, [], (h,))
-        out = RemoteTensor(meta, h, self)
+        out = remote(meta, h, self)
         out._st = storage
-        if self.epoch:
-            out._ep = self.epoch
         if dtype is not None and dtype != out.dtype:
             out = self.call(aten._to_copy.default, (out,), {"dtype": dtype})
         return out
