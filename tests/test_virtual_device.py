@@ -317,6 +317,41 @@ def test_garbage_collected_tensors_are_freed_on_the_server(remote):
     assert torch.cuda.memory_allocated() - base < 2 * 2**20
 
 
+def test_a_thread_started_before_enable_sees_the_virtual_device(server):
+    go, done, results = threading.Event(), threading.Event(), {}
+
+    def worker():  # a camera thread the app started before rrto was turned on
+        go.wait(10)
+        try:
+            y = torch.tensor([1.0, 2.0], device="cuda") * torch.ones(2).to("cuda")
+            results["y"] = (type(y), y.cpu())
+        finally:
+            done.set()
+
+    th = threading.Thread(target=worker)
+    th.start()
+    with rrto.offload(server=server.url, mode="eager", timeout=20):
+        go.set()
+        assert done.wait(20)
+    th.join()
+    assert results["y"][0] is RemoteTensor and torch.equal(results["y"][1], torch.tensor([1.0, 2.0]))
+
+
+def test_disable_gives_torch_its_own_functions_back(server):
+    import torch.nn.functional as F
+    names = [(torch.Tensor, "to"), (torch.Tensor, "cuda"), (torch.Tensor, "backward"), (torch.Tensor, "new_tensor"),
+             (torch, "tensor"), (torch, "conv2d"), (F, "conv2d"), (F, "batch_norm"), (torch.autograd, "grad"),
+             (torch, "_has_compatible_shallow_copy_type")]
+    before = [getattr(owner, name) for owner, name in names]
+    in_dict = [name in vars(owner) for owner, name in names]
+    with rrto.offload(server=server.url, mode="eager", timeout=20):
+        assert torch.Tensor.to is not before[0] and F.conv2d is not before[6]
+    assert [getattr(owner, name) for owner, name in names] == before
+    assert [name in vars(owner) for owner, name in names] == in_dict  # inherited ones inherited again
+    x = torch.ones(2)
+    assert x.to(torch.float64).dtype == torch.float64 and F.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 1, 1)).sum() == 9
+
+
 def test_tensors_after_disable_say_so(server):
     with rrto.offload(server=server.url):
         x = torch.ones(2).cuda()

@@ -1,1 +1,1 @@
-"""The virtual cuda device: RemoteTensor, the torch modes, torch.cuda answers, and launch."""
+"""The virtual cuda device: RemoteTensor, the calls that name the device, torch.cuda answers, and launch."""

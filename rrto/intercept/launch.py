@@ -1,10 +1,11 @@
 """Turning the virtual cuda device on and off: ``rrto.enable()``, ``rrto.disable()``, ``rrto.offload()``.
 
 Enabling connects to the server (or starts an embedded one on a free loopback port),
-patches ``torch.cuda``, routes the CUDA backend to the runtime, and pushes the device
-function mode onto the calling thread. Torch modes are per thread, so threads started
-while rrto is enabled get it too: a ROS executor or a camera thread calling
-``.cuda()`` sees the same virtual device as the main thread.
+patches ``torch.cuda``, routes the CUDA backend and the calls that name the device
+(``.cuda()``, ``.to("cuda")``, ``torch.tensor(..., device="cuda")``) to the runtime. All
+of that is process-wide: a ROS executor or a camera thread sees the same virtual device
+as the main thread. Local mode pushes a torch function mode instead, which is per thread:
+threads started while rrto is enabled get it too.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from ..stats import Stats
 from ..transport import Link
 from . import cuda_backend, cuda_shim
 from .embedded import EmbeddedServer
-from .modes import DeviceFunctionMode
+from .device_calls import LocalDeviceMode
+from .device_calls import install as install_device_calls
 from .runtime import Runtime
 
 _active: "Offload | None" = None
@@ -32,7 +34,7 @@ _original_bootstrap = threading.Thread._bootstrap_inner
 
 
 class Offload:
-    """One enabled period: its settings, counters, connection and the modes it pushed."""
+    """One enabled period: its settings, counters, connection and what it patched."""
 
     def __init__(self, config: Config):
         self.config = config
@@ -40,7 +42,8 @@ class Offload:
         self.embedded: EmbeddedServer | None = None
         self.link: Link | None = None
         self.runtime: Runtime | None = None
-        self.restore_cuda = self.restore_backend = lambda: None
+        self.restore_cuda = self.restore_backend = self.restore_calls = lambda: None
+        self.mode: LocalDeviceMode | None = None
         try:
             info: dict = {"device_name": "rrto local (robot cpu)"}
             if config.mode != "local":
@@ -49,10 +52,12 @@ class Offload:
                 url = self.link.url
                 self.runtime.reopen = lambda drop: self._open_link(url, drop)
                 self.restore_backend = cuda_backend.install(self.runtime)
+                self.restore_calls = install_device_calls(self.runtime)
             self.restore_cuda = cuda_shim.install(self.runtime, info)
             self.thread = threading.get_ident()
             self.mode = self.push_mode()
         except BaseException:
+            self.restore_calls()
             self.restore_cuda()
             self.restore_backend()
             if self.runtime is not None:
@@ -85,19 +90,23 @@ class Offload:
             link.close(linger=0)
             raise
 
-    def push_mode(self) -> DeviceFunctionMode:
-        """Push the device function mode on the calling thread (modes are per thread)."""
-        mode = DeviceFunctionMode(self.runtime)
+    def push_mode(self) -> LocalDeviceMode | None:
+        """Local mode: push the function mode on the calling thread (modes are per thread)."""
+        if self.runtime is not None:
+            return None
+        mode = LocalDeviceMode()
         mode.__enter__()
         return mode
 
     def close(self) -> None:
         try:
-            if threading.get_ident() == self.thread:
-                self.mode.__exit__(None, None, None)
-            else:
-                warnings.warn("rrto.disable() called from another thread than rrto.enable(); "
-                              "the enabling thread keeps its torch modes", RuntimeWarning, stacklevel=3)
+            if self.mode is not None:
+                if threading.get_ident() == self.thread:
+                    self.mode.__exit__(None, None, None)
+                else:
+                    warnings.warn("rrto.disable() called from another thread than rrto.enable(); "
+                                  "the enabling thread keeps its torch modes", RuntimeWarning, stacklevel=3)
+            self.restore_calls()
             self.restore_cuda()
             self.restore_backend()
             if self.runtime is not None:
@@ -121,7 +130,7 @@ class Offload:
 
 def _bootstrap_inner(thread):
     offload = _active
-    if offload is None:
+    if offload is None or offload.mode is None:
         return _original_bootstrap(thread)
     mode = offload.push_mode()
     try:

@@ -4,8 +4,8 @@
 the Python argument parser twice, walk a chain of C++ checks, and reach rrto as
 ``native_batch_norm`` plus an ``empty`` (batch norm's unused reserve buffer) or as
 ``convolution``. That chain was a quarter of the robot's time per replayed op in a
-conv net. Where the call is the plain inference case, the mode hands the aten op to the
-runtime itself: same op, same arguments, same result, one dispatch. Anything else
+conv net. Where the call is the plain inference case, the shortcut (installed in place of
+the torch function by ``device_calls``) hands the aten op to the runtime itself: same op, same arguments, same result, one dispatch. Anything else
 (training, autograd recording, unbatched input, string padding, a CPU tensor among the
 arguments) returns NotImplemented and takes torch's own path, errors included.
 """
@@ -63,4 +63,6 @@ def _conv(n: int):
     return conv
 
 
-SHORTCUTS = {F.batch_norm: _batch_norm, torch.conv1d: _conv(1), torch.conv2d: _conv(2), torch.conv3d: _conv(3)}
+# (owner, name, shortcut): each conv has two names, torch.conv2d and F.conv2d (one builtin).
+SHORTCUTS = [(F, "batch_norm", _batch_norm)] + [
+    (owner, f"conv{n}d", _conv(n)) for n in (1, 2, 3) for owner in (torch, F)]

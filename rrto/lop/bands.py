@@ -160,7 +160,7 @@ def run_ops(ops: list, env: dict, params: dict, consts: list = (), times: list |
         if kind != "s":
             raise ValueError("a band reads no tensor slots")
         return env[n]
-    # plain CPU tensors only: rrto's own function mode (active in the app) has nothing to do here
+    # plain CPU tensors only: an app's function mode (rrto's local mode has one) has nothing to do here
     with torch._C.DisableTorchFunction():
         for st in ops:
             t0 = clock()
