@@ -317,6 +317,20 @@ def test_garbage_collected_tensors_are_freed_on_the_server(remote):
     assert torch.cuda.memory_allocated() - base < 2 * 2**20
 
 
+def test_every_data_factory_makes_tensors_on_the_device(remote):
+    x = torch.arange(3.0).cuda()
+    made = {"tensor": torch.tensor([1.0, 2.0], device="cuda"),
+            "as_tensor": torch.as_tensor(np.array([1.0, 2.0]), device="cuda"),  # takes no requires_grad
+            "asarray": torch.asarray([1.0, 2.0], device=torch.device("cuda", 0)),
+            "new_tensor": x.new_tensor([1.0, 2.0]),
+            "new_tensor on cuda": torch.ones(1).new_tensor([1.0, 2.0], device="cuda")}
+    for name, t in made.items():
+        assert type(t) is RemoteTensor, name
+        assert torch.equal(t.cpu().double(), torch.tensor([1.0, 2.0], dtype=torch.float64)), name
+    leaf = torch.tensor([1.0], device="cuda", requires_grad=True)
+    assert leaf.requires_grad and leaf.is_leaf and type(leaf) is RemoteTensor
+
+
 def test_a_thread_started_before_enable_sees_the_virtual_device(server):
     go, done, results = threading.Event(), threading.Event(), {}
 

@@ -66,8 +66,10 @@ def install(runtime) -> callable:
         def made_on_device(*args, **kwargs):
             if not _is_cuda(kwargs.get("device")):
                 return make(*args, **kwargs)
-            out = runtime.upload(make(*args, **{**kwargs, "device": _CPU, "requires_grad": False}))
-            return out.requires_grad_() if kwargs.get("requires_grad") else out
+            kwargs = {**kwargs, "device": _CPU}
+            grad = kwargs.pop("requires_grad", False)  # (as_tensor takes none) a leaf made on the device
+            out = runtime.upload(make(*args, **kwargs))
+            return out.requires_grad_() if grad else out
         return functools.wraps(make)(made_on_device)
 
     def no_backward(backward):
