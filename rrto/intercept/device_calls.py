@@ -38,7 +38,10 @@ def install(runtime) -> callable:
     # torch._dynamo, on import, registers its stand-ins for torch's functions by identity and
     # signature; imported while ours are in place (torch imports it on first use of a Python
     # meta kernel, batch norm's) it fails. It is imported in any run (~0.8 s): first, then.
-    import torch._dynamo  # noqa: F401
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception:  # noqa: BLE001 - a Python this torch's dynamo does not support: nothing to clash with
+        pass
     to = torch.Tensor.to
 
     def upload(t: torch.Tensor, dtype, non_blocking: bool, memory_format):
