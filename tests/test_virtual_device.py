@@ -351,6 +351,20 @@ def test_a_thread_started_before_enable_sees_the_virtual_device(server):
     assert results["y"][0] is RemoteTensor and torch.equal(results["y"][1], torch.tensor([1.0, 2.0]))
 
 
+def test_local_mode_makes_cuda_the_cpu_in_threads_started_while_on():
+    results = {}
+
+    def worker():
+        results["t"] = torch.zeros(2, device="cuda") + torch.ones(2).to("cuda") + torch.ones(2).cuda()
+
+    with rrto.offload(mode="local"):
+        assert torch.zeros(1, device="cuda").device.type == "cpu"
+        th = threading.Thread(target=worker)
+        th.start()
+        th.join()
+    assert type(results["t"]) is torch.Tensor and torch.equal(results["t"], torch.full((2,), 2.0))
+
+
 def test_disable_gives_torch_its_own_functions_back(server):
     import torch.nn.functional as F
     names = [(torch.Tensor, "to"), (torch.Tensor, "cuda"), (torch.Tensor, "backward"), (torch.Tensor, "new_tensor"),

@@ -55,7 +55,8 @@ class Offload:
                 self.restore_calls = install_device_calls(self.runtime)
             self.restore_cuda = cuda_shim.install(self.runtime, info)
             self.thread = threading.get_ident()
-            self.mode = self.push_mode()
+            if self.runtime is None:
+                self.mode = self.push_mode()
         except BaseException:
             self.restore_calls()
             self.restore_cuda()
@@ -90,10 +91,8 @@ class Offload:
             link.close(linger=0)
             raise
 
-    def push_mode(self) -> LocalDeviceMode | None:
+    def push_mode(self) -> LocalDeviceMode:
         """Local mode: push the function mode on the calling thread (modes are per thread)."""
-        if self.runtime is not None:
-            return None
         mode = LocalDeviceMode()
         mode.__enter__()
         return mode
@@ -130,7 +129,7 @@ class Offload:
 
 def _bootstrap_inner(thread):
     offload = _active
-    if offload is None or offload.mode is None:
+    if offload is None:
         return _original_bootstrap(thread)
     mode = offload.push_mode()
     try:
@@ -162,7 +161,8 @@ def enable(server: str | None = None, mode: str | None = None, *, stats: str | N
                                 fault_timeout=fault_timeout, progress=progress,
                                 repeats=repeats, server_key=server_key, robot_key=robot_key)
         _active = Offload(config)
-        threading.Thread._bootstrap_inner = _bootstrap_inner
+        if _active.mode is not None:  # local mode's function mode, for the threads started from now on
+            threading.Thread._bootstrap_inner = _bootstrap_inner
 
 
 def disable() -> None:
