@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import torch
 
+from .device_calls import replace_attributes
+
 
 class DeviceProperties(SimpleNamespace):
     def __repr__(self) -> str:
@@ -132,16 +134,4 @@ def install(runtime, info: dict) -> callable:
         "stream": lambda stream=None: contextlib.nullcontext(stream),
         "device": device,
     }
-    cuda = torch.cuda
-    saved = {name: getattr(cuda, name) for name in patches if hasattr(cuda, name)}
-    for name, fn in patches.items():
-        setattr(cuda, name, fn)
-
-    def restore() -> None:
-        for name in patches:
-            if name in saved:
-                setattr(cuda, name, saved[name])
-            else:
-                delattr(cuda, name)
-
-    return restore
+    return replace_attributes([(torch.cuda, name, fn) for name, fn in patches.items()])

@@ -102,7 +102,7 @@ def install(runtime) -> callable:
     patches += [(owner, name, no_backward(getattr(owner, name))) for owner, name in
                 ((torch.Tensor, "backward"), (torch.autograd, "backward"), (torch.autograd, "grad"))]
     patches += [(owner, name, _shortcut(getattr(owner, name), short)) for owner, name, short in SHORTCUTS]
-    return _patch(patches)
+    return replace_attributes(patches)
 
 
 def _shortcut(full, short):
@@ -120,7 +120,8 @@ def _unpinned(self, device=None):
     return self  # no page-locked memory without CUDA; a plain CPU tensor uploads the same
 
 
-def _patch(patches: list) -> callable:
+def replace_attributes(patches: list) -> callable:
+    """Set each ``(owner, name, value)``; returns the function that puts the old ones back."""
     saved = [(owner, name, vars(owner).get(name, _MISSING)) for owner, name, _ in patches]
     for owner, name, fn in patches:
         setattr(owner, name, fn)
@@ -128,7 +129,7 @@ def _patch(patches: list) -> callable:
     def restore() -> None:
         for owner, name, old in reversed(saved):
             if old is _MISSING:
-                delattr(owner, name)  # it was inherited (from torch._C.TensorBase)
+                delattr(owner, name)  # it was inherited (from torch._C.TensorBase) or new
             else:
                 setattr(owner, name, old)
     return restore
