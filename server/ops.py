@@ -37,7 +37,7 @@ randn rand randint randperm randn_like rand_like randint_like normal normal_ uni
 exponential_ multinomial native_dropout random_ cauchy_ geometric_ log_normal_
 sum mean prod max min amax amin aminmax argmax argmin std var std_mean var_mean norm linalg_vector_norm
 logsumexp cumsum cumprod cummax cummin all any count_nonzero median nanmedian mode kthvalue topk sort
-argsort msort nansum nanmean _unique _unique2 unique_dim unique_consecutive histc bucketize searchsorted
+argsort msort nansum nanmean _unique _unique2 unique_dim unique_consecutive histc bucketize searchsorted isin
 dist cdist _cdist_forward _euclidean_dist renorm
 convolution _convolution conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d
 max_pool1d max_pool2d max_pool3d max_pool2d_with_indices max_pool3d_with_indices avg_pool1d avg_pool2d
@@ -46,7 +46,7 @@ _adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
 native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training
 _native_batch_norm_legit_functional batch_norm native_layer_norm layer_norm native_group_norm group_norm
 instance_norm rms_norm _fused_rms_norm linear addmm mm bmm baddbmm addbmm matmul mv dot vdot addmv addr outer
-einsum _softmax softmax _log_softmax log_softmax upsample_nearest1d upsample_nearest2d upsample_nearest3d
+einsum _softmax softmax _safe_softmax _log_softmax log_softmax upsample_nearest1d upsample_nearest2d upsample_nearest3d
 _upsample_nearest_exact1d _upsample_nearest_exact2d _upsample_nearest_exact3d upsample_bilinear2d
 _upsample_bilinear2d_aa upsample_bicubic2d _upsample_bicubic2d_aa upsample_linear1d upsample_trilinear3d
 grid_sampler grid_sampler_2d grid_sampler_3d affine_grid_generator embedding one_hot

@@ -24,9 +24,12 @@ class Robot:
         self.log = OpLog()
         self.handles = itertools.count(1)
 
-    def put(self, shape=(1, 3, 8, 8)) -> int:
+    def put(self, shape=(1, 3, 8, 8), value: bytes | None = None) -> int:
+        """An upload; ``value``: its bytes, as the runtime keeps them for a small one."""
         h = next(self.handles)
-        self.log.append(Event(PUT, name_key(PUT), (PUT, meta(shape)), outs=(h,)))
+        small = {} if value is None else {"wire": {"in": [{"dt": "f32", "sh": list(shape), "st": [1] * len(shape)}]},
+                                          "frames": (value,)}
+        self.log.append(Event(PUT, name_key(PUT), (PUT, meta(shape)), outs=(h,), **small))
         return h
 
     def op(self, name: str, *args: int, scalar=1, shape=(1, 4, 8, 8), shaped=False) -> int:
@@ -165,3 +168,64 @@ def test_the_program_starts_at_the_upload():
     assert prog.steps[0].kind == "put" and len(prog) == 7
     # "zeros" comes last in the rotated program; its output is fresh each iteration
     assert prog.steps[5].name == "aten::zeros.default"
+
+
+def normalised_inference(r: Robot, mean: bytes, std: bytes = b"\x00" * 12) -> None:
+    """An app that makes its normalisation constants on the device every frame, after its input."""
+    x = r.put()
+    m, s = r.put((3,), mean), r.put((3,), std)
+    y = r.op("sub", x, m, shape=(1, 3, 8, 8))
+    y = r.op("div", y, s, shape=(1, 3, 8, 8))
+    r.get(r.op("conv", y, WEIGHTS["conv"]))
+
+
+def test_a_small_upload_with_the_same_bytes_every_time_becomes_a_constant():
+    r = Robot()
+    for i in range(3):
+        normalised_inference(r, mean=b"\x01" * 12)
+    prog = found(r)
+    assert [s.kind for s in prog.steps] == ["put", "op", "op", "op", "op", "op", "get"]
+    x, m, s = prog.steps[:3]
+    assert x.value is None and prog.uploads == 1  # the input still travels; the constants do not
+    assert m.value == b"\x01" * 12 and m.spec == {"t": "op", "op": "aten::clone.default", "a": [{"i": 0}], "o": [1]}
+    assert s.value == b"\x00" * 12 and s.spec["a"] == [{"i": 1}]
+    assert prog.frames == [b"\x01" * 12, b"\x00" * 12] and [d["sh"] for d in prog.descs] == [[3], [3]]
+    assert prog.steps[3].roles == ((IN, 0), (IN, 1))  # the server's copy is what the ops read
+
+
+def test_a_small_upload_that_changes_is_not_a_constant():
+    r = Robot()
+    for i in range(3):
+        normalised_inference(r, mean=bytes([i]) * 12)
+    prog = found(r)
+    assert [s.kind for s in prog.steps[:3]] == ["put", "put", "op"] and prog.uploads == 2
+    assert prog.steps[1].value is None
+
+
+def test_an_upload_seen_to_change_is_never_a_constant_again():
+    r = Robot()
+    for i in range(3):
+        normalised_inference(r, mean=b"\x01" * 12)
+    search = SequenceSearch(2)
+    search.varying.add((PUT, meta((3,))))  # the replayer saw such an upload change
+    prog = search.find(r.log)
+    assert [s.kind for s in prog.steps[:3]] == ["put", "put", "put"] and prog.uploads == 3
+
+
+def test_a_program_that_differs_only_in_a_constant_is_another_program():
+    a, b = Robot(), Robot()
+    for i in range(3):
+        normalised_inference(a, mean=b"\x01" * 12)
+        normalised_inference(b, mean=b"\x02" * 12)
+    assert found(a).fingerprint != found(b).fingerprint
+
+
+def test_the_program_starts_at_the_upload_that_is_not_a_constant():
+    r = Robot()
+    for i in range(3):
+        m = r.put((3,), b"\x01" * 12)  # made before the input arrives
+        x = r.put()
+        r.get(r.op("sub", x, m, shape=(1, 3, 8, 8)))
+    prog = found(r)
+    assert [s.kind for s in prog.steps] == ["put", "op", "get", "op"]
+    assert prog.steps[3].value == b"\x01" * 12

@@ -292,6 +292,43 @@ def test_two_uploads_item_in_the_middle_and_a_dict_output(server):
     assert s["messages_per_replayed_inference"] <= s["sequence_uploads"] + s["sequence_waits"], s
 
 
+def _normalised(xs, std_of):
+    """An app that makes its constants on the device every frame (``std_of(i)``: frame i's std)."""
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"] = TinyNet().eval().to(dev)
+        with torch.no_grad():
+            x = xs[i].to(dev)
+            mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
+            std = torch.tensor(std_of(i), device=dev).view(1, 3, 1, 1)
+            cache = torch.tensor([], device=dev)  # how a transformers KV cache starts, every forward
+            return torch.cat([cache, st["net"]((x - mean) / std).view(-1)]).cpu()
+    return step
+
+
+def test_constants_made_on_the_device_each_frame_cost_no_message(server):
+    xs = frames_of(16, 12)
+    step = _normalised(xs, lambda i: [0.229, 0.224, 0.225])
+    local, _ = run_loop(step, 12, None)
+    remote, (replayed, s) = run_loop(step, 12, server.url)
+    assert_same(local, remote)
+    assert replayed_between(replayed, 4, 12) == 8, replayed
+    assert s["sequence_uploads"] == 1 and s["messages_per_replayed_inference"] == 1, s  # only the input travels
+
+
+def test_a_constant_that_changes_is_an_upload_from_then_on(server):
+    xs = frames_of(16, 22)
+    step = _normalised(xs, lambda i: [0.229, 0.224, 0.225] if i < 12 else [0.5 + i // 3 / 100] * 3)
+    local, _ = run_loop(step, 22, None)
+    remote, (replayed, s) = run_loop(step, 22, server.url)
+    assert_same(local, remote)
+    assert replayed_between(replayed, 4, 12) == 8, replayed
+    assert s["replay_divergences"] >= 1, s  # frame 12 left the recording at the constant
+    # std is recorded as an upload from then on, so its new value every third frame is no divergence
+    assert replayed_between(replayed, 15, 22) == 7, replayed
+    assert s["sequence_uploads"] >= 2, s
+
+
 # -- running ahead: the server runs the iteration before the robot confirms it ----------------
 
 def test_turning_away_before_an_in_place_op_the_server_ran_ahead(server):

@@ -31,7 +31,7 @@ import torch
 from .. import codec
 from ..config import Config
 from ..errors import LinkError, RemoteError, RrtoError, UnsupportedOpError
-from ..record import GET, OP, PUT, SEED, SYNC, Event, name_key
+from ..record import CONSTANT_BYTES, GET, OP, PUT, SEED, SYNC, Event, name_key
 from ..replay.replayer import Replayer, cpu_bytes
 from ..replay.streamer import EagerStreamer
 from ..stats import Stats
@@ -376,11 +376,12 @@ class Runtime:
                                                                              {"dtype": dtype})
         rep, step = self.replayer, None
         key = (PUT, meta)
+        value = bytes(buf) if len(buf) <= CONSTANT_BYTES else None  # (it may be a constant of the program)
         if rep is not None and rep.program is not None:
-            step = rep.match(PUT, key, [], (True,))
+            step = rep.match_upload(key, value)
         h = rep.base + step.out_offsets[0] if step is not None else next(self._handles)
         # an inference's input, measured for lop's planner (its round trip, the walk after it)
-        first = self.lop is not None and step is not None and step is rep.program.steps[0]
+        first = self.lop is not None and step is not None and step is rep.program.steps[0] and step.kind == PUT
         try:
             if first:
                 self.link.clock_next()
@@ -392,6 +393,8 @@ class Runtime:
                 self._walk = None
             if first and self.lop.upload(src, rep.base, self.streamer, rep):
                 pass  # sent as bands
+            elif step is not None and step.kind == OP:
+                pass  # a constant of the program: the server makes it
             else:
                 self.streamer.put(h, desc, buf, wait_sent=not (private or non_blocking), cache=weight)
             if first:
@@ -401,10 +404,9 @@ class Runtime:
         if self.copies is not None and step is None:
             self.copies[h] = src
         if rep is not None and not self.lost:
-            if step is None:
-                rep.record(Event(PUT, name_key(PUT), key, outs=(h,)))
-            elif rep.unstable:
-                rep.log_replayed(step, key, [], (h,))
+            if step is None or rep.unstable:  # (a replayed upload too: with the bytes it has now)
+                rep.record(Event(PUT, name_key(PUT), key, outs=(h,), wire=None if value is None else {"in": [desc]},
+                                 frames=() if value is None else (value,)))
         out = remote(meta, h, self)
         out._st = storage
         if dtype is not None and dtype != out.dtype:

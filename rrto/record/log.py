@@ -12,6 +12,7 @@ from typing import Any
 import xxhash
 
 OP, PUT, GET, SYNC, SEED = "op", "put", "get", "sync", "seed"
+CONSTANT_BYTES = 256  # uploads up to this size may become constants of a program (and CPU tensors op arguments)
 SYNC_KINDS = frozenset((GET, SYNC))  # the robot waits for the server here (so do server-shaped ops)
 _name_keys: dict[str, int] = {}
 
@@ -34,6 +35,8 @@ class Event:
     ``outs``: handles this event created (None for an output that is an input, in place).
     ``wire``: the op as sent (``op``, ``a``, ``k``, ``in``), tensors as ``{"h"}``/``{"i"}`` markers.
     ``shaped``: the server sized the outputs (data-dependent shapes): the robot waited.
+    A small upload (``put``, at most ``CONSTANT_BYTES``) keeps its bytes in ``frames`` and
+    its descriptor in ``wire["in"]``: if they repeat, the program holds it as a constant.
     """
     __slots__ = ("kind", "nkey", "key", "handles", "cpu", "outs", "wire", "frames", "shaped", "waits")
 

@@ -12,9 +12,12 @@ searched for a period L that repeated K times:
   period, or the same outside tensor (a parameter), or consistently an outside
   tensor that changes each time (recurrent state, pre-processing outside the loop).
 
-Anything before the last K periods (weight uploads, warm-up, one-off calls) is
-never looked at. The adopted Program starts at the period's first upload, the
-natural start of an inference, when there is one.
+A small upload whose bytes were the same in all K periods (a constant the app makes
+each frame) becomes a constant of the program, unless the replayer saw an upload of
+that signature change before (``varying``). Anything before the last K periods
+(weight uploads, warm-up, one-off calls) is never looked at. The adopted Program
+starts at the period's first upload that is not a constant, the natural start of an
+inference, when there is one.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from .log import PUT, OpLog
 from .program import CPU, EXT, IN, PERSIST, Program, Step, erase, pattern_of
 
 _IN, _OUT = "in", "ext"
+_CONSTANT_OP = "aten::clone.default"
 
 
 class SequenceSearch:
@@ -29,6 +33,7 @@ class SequenceSearch:
         if repeats < 2:
             raise ValueError("a sequence must repeat at least twice to be recognised")
         self.repeats, self.max_period = repeats, max_period
+        self.varying: set = set()  # keys of small uploads seen to change: never constants
 
     def find(self, log: OpLog) -> Program | None:
         """The program whose last ``repeats`` iterations end the log, or None."""
@@ -43,14 +48,15 @@ class SequenceSearch:
                 continue
             if keys[n - k * L:n - L] != keys[n - (k - 1) * L:n]:  # level 1
                 continue
-            roles = self._confirm(log, L)  # level 2
-            if roles is not None and any(log.at(log.end - L + o).kind == "op" for o in range(L)):
-                return _build(log, L, roles)
+            confirmed = self._confirm(log, L)  # level 2
+            if confirmed is not None and any(log.at(log.end - L + o).kind == "op" for o in range(L)):
+                return _build(log, L, *confirmed)
         return None
 
-    def _confirm(self, log: OpLog, L: int) -> list | None:
+    def _confirm(self, log: OpLog, L: int) -> tuple[list, set] | None:
+        """(per step: the roles of its tensor arguments; the steps that are constant uploads)."""
         starts = [log.end - (p + 1) * L for p in range(self.repeats)]
-        roles = []
+        roles, constants = [], set()
         dynamic: set[int] = set()  # steps whose outputs' shapes depend on data
         for o in range(L):
             evs = [log.at(s + o) for s in starts]
@@ -82,8 +88,11 @@ class SequenceSearch:
                     return None
             if dyn or e0.shaped:
                 dynamic.add(o)
+            if e0.kind == PUT and e0.frames and e0.key not in self.varying and \
+                    all(e.frames == e0.frames for e in evs[1:]):
+                constants.add(o)
             roles.append(step)
-        return roles
+        return roles, constants
 
 
 def _origin(log: OpLog, h: int, start: int, i: int) -> tuple:
@@ -93,11 +102,12 @@ def _origin(log: OpLog, h: int, start: int, i: int) -> tuple:
     return (_OUT, h)
 
 
-def _build(log: OpLog, L: int, roles: list) -> Program:
-    """The last period as a Program, rotated to start at its first upload."""
+def _build(log: OpLog, L: int, roles: list, constants: set) -> Program:
+    """The last period as a Program, rotated to start at its first upload that is not a constant."""
     start = log.end - L
     events = [log.at(start + o) for o in range(L)]
-    r0 = next((o for o, e in enumerate(events) if e.kind == PUT), 0)
+    puts = [o for o, e in enumerate(events) if e.kind == PUT]
+    r0 = next((o for o in puts if o not in constants), puts[0] if puts else 0)  # the input, not a constant
     order = list(range(r0, L)) + list(range(r0))
     pos_of = {o: p for p, o in enumerate(order)}
     offsets: list[tuple] = []  # per step: handle offset of each output
@@ -137,9 +147,14 @@ def _build(log: OpLog, L: int, roles: list) -> Program:
                 n_handles += 1
         offsets.append(tuple(outs))
         kind = "shaped" if ev.shaped else ev.kind
-        name = ev.wire["op"] if ev.wire else ""
-        spec = {}
-        if kind == "op":
+        name = ev.wire["op"] if ev.wire and "op" in ev.wire else ""
+        spec, value = {}, None
+        if o in constants:  # the server makes it: a copy of the program's constant, which stays as sent
+            kind, name, value = "op", _CONSTANT_OP, ev.frames[0]
+            spec = {"t": "op", "op": _CONSTANT_OP, "a": [{"i": len(frames)}], "o": list(outs)}
+            frames.append(value)
+            descs.append(ev.wire["in"][0])
+        elif kind == "op":
             spec = _op_spec(ev, step_roles, tuple(outs), frames, descs)
         elif kind == "shaped":
             spec = _op_spec(ev, step_roles, (), frames, descs)
@@ -151,7 +166,7 @@ def _build(log: OpLog, L: int, roles: list) -> Program:
             spec = {"t": "put", "o": [o for o in outs if o is not None]}
         key = ev.key
         steps.append(Step(kind, key, erase(key), tuple(step_roles), pattern_of(ev.outs), tuple(outs), name, spec,
-                          ev))
+                          ev, value))
     return Program(steps, n_handles, n_slots, frames, descs)
 
 

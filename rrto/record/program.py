@@ -13,7 +13,10 @@ Roles of a tensor argument:
                     robot sends its handle in slot ``slot``
   (CPU, bytes)      a small CPU tensor given with the op: a constant of the program
 
-Step kinds: ``op`` (deferred: the server runs it when the robot next sends anything),
+Step kinds: ``op`` (deferred: the server runs it when the robot next sends anything;
+a small upload whose bytes were the same in every recorded iteration, ``torch.tensor([],
+device="cuda")`` or a normalisation constant made each frame, is one too: the server
+makes it from the program's copy, and the robot checks the bytes against ``value``),
 ``shaped`` (an op whose output shapes only the server knows: the robot waits for them;
 its outputs are named ``base + ob + j`` all the same), ``put``, ``get``, ``sync``, ``seed``
 (their own messages, sent when the app reaches them, unless the server ran ahead).
@@ -40,6 +43,7 @@ class Step:
     name: str = ""
     spec: dict = field(default_factory=dict)  # how the server runs it (op steps)
     event: Any = None  # the recorded event it was made from (the robot logs replayed steps like it)
+    value: bytes | None = None  # an upload the program holds as a constant: its bytes
 
 
 @dataclass(eq=False)
@@ -82,11 +86,12 @@ class Program:
 
     @property
     def uploads(self) -> int:
+        """Uploads that travel each inference (not those the program holds as constants)."""
         return sum(s.kind == "put" for s in self.steps)
 
     @property
     def fingerprint(self) -> tuple:
-        return tuple((s.kind, s.key, s.roles) for s in self.steps)
+        return tuple((s.kind, s.key, s.roles, s.value) for s in self.steps)
 
     def spec(self) -> tuple[dict, list]:
         """The registration message (header fields, frames) for the server."""

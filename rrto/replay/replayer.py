@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..record import CPU, EXT, IN, PERSIST, Event, OpLog, Program, SequenceSearch, Step, erase
+from ..record import CONSTANT_BYTES, CPU, EXT, IN, PERSIST, Event, OpLog, Program, SequenceSearch, Step, erase
 from ..stats import Stats
 
 _STEP_MESSAGES = frozenset(("put", "get", "sync", "op", "free"))  # ("free": lop's message after its bands)
@@ -153,6 +153,20 @@ class Replayer:
         if self.pos == len(prog.steps):
             self._end()
         return step
+
+    def match_upload(self, key: Any, value: bytes | None) -> Step | None:
+        """``match`` for an upload (``value``: its bytes, if small). A step the program holds
+        as a constant matches if the bytes are the same, and is an ``op`` step: no message."""
+        step = self.program.steps[self.pos]
+        if step.value is None:
+            return self.match("put", key, [], (True,))
+        if value != step.value or key != step.key:  # (an exact key: two empty tensors' bytes are equal)
+            if self.pos and key == step.key:  # the constant changed: never again one for this signature
+                varying = self.search.varying
+                if len(varying) < 256:
+                    varying.add(key)
+            return self._diverge(step)
+        return self.match("op", key, [], (True,))
 
     def sync_folded(self) -> bool:
         """True if the sync just matched needs no message of its own.
@@ -387,7 +401,7 @@ def as_runs(offsets) -> list:
     return out
 
 
-def cpu_bytes(t, limit: int = 256) -> bytes | None:
+def cpu_bytes(t, limit: int = CONSTANT_BYTES) -> bytes | None:
     """A small CPU tensor's bytes (it is compared as a constant); None when larger than ``limit``."""
     n = t.numel() * t.element_size()
     if n > limit:
