@@ -21,7 +21,7 @@ import torch
 # Activations are named although torch tags most of them pointwise: the tags vary between
 # versions (torch 2.11 leaves hardtanh_, MobileNet's ReLU6, untagged).
 ALLOWED = set("""
-view _unsafe_view reshape _reshape_alias as_strided expand expand_as permute transpose t
+view _unsafe_view reshape _reshape_alias as_strided as_strided_ expand expand_as permute transpose t
 squeeze unsqueeze select slice narrow split split_with_sizes unbind chunk tensor_split unflatten
 movedim alias detach detach_ view_as_real view_as_complex unfold diagonal flip roll rot90 repeat
 clone _to_copy copy_ lift_fresh lift_fresh_copy contiguous real imag conj _conj resolve_conj resolve_neg

@@ -1,7 +1,7 @@
 """Someone else's app: Hugging Face transformers models, unmodified, offloaded and replayed.
 
 rrto's own examples were written next to rrto. These models were not: embeddings,
-attention with and without a mask, a KV cache that starts with ``torch.tensor([],
+attention with and without a mask, shifted windows, a KV cache that starts with ``torch.tensor([],
 device=...)`` every forward, layer norm, GELU, a ResNet backbone under a detection
 transformer with its data-dependent mask checks, ``generate()`` with its stopping
 criteria. Each runs 20 frames (``tests/apps/transformers_app.py``), built from a
@@ -25,6 +25,7 @@ APP = "tests/apps/transformers_app.py"
 # model: (inferences replayed at least of 20, replay divergences at most)
 MODELS = {
     "vit": (15, 0),
+    "swin": (15, 0),
     "detr": (15, 0),
     "bert": (10, 4),  # its padding changes; where there is none, transformers skips the mask: another branch
     "gpt2": (10, 8),  # every fifth frame is a generate(): not the forward's sequence

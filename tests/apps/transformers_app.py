@@ -25,6 +25,10 @@ def build(name: str):
         cfg = tf.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                            image_size=64, patch_size=8, num_labels=10)
         return tf.ViTForImageClassification(cfg), images
+    if name == "swin":  # shifted windows: roll, window partitions, a pooled head
+        cfg = tf.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                            window_size=4, num_labels=10)
+        return tf.SwinForImageClassification(cfg), images
     if name == "detr":  # object detection: a ResNet backbone, an encoder-decoder, 10 queries
         backbone = tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
                                    out_features=["stage4"])
@@ -51,7 +55,7 @@ def build(name: str):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit", choices=["vit", "detr", "bert", "gpt2"])
+    p.add_argument("--model", default="vit", choices=["vit", "swin", "detr", "bert", "gpt2"])
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--save", help="write every output to this .npz")
     a = p.parse_args()
