@@ -1,6 +1,8 @@
 """The virtual cuda device, one test per promise, each against a real server process."""
 from __future__ import annotations
 
+import copy
+import gc
 import threading
 
 import numpy as np
@@ -61,6 +63,38 @@ def test_model_cuda_and_to_cuda(remote):
             assert all(b.is_cuda for b in model.buffers())
             out = model(x.cuda())
         assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.half(), lambda m: m.to(torch.float16), lambda m: m.double()],
+                         ids=["half", "to-float16", "double"])
+def test_a_model_on_the_device_changes_dtype_on_the_server(remote, convert):
+    """``model.cuda().half()``: each parameter's ``.data`` is set to its converted copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 5)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        ref = convert(copy.deepcopy(model))
+        expected = ref(x.to(next(ref.parameters()).dtype))
+        params = list(model.cuda().parameters())
+        convert(model)
+        assert [p is q for p, q in zip(model.parameters(), params)] == [True] * len(params)  # the same objects
+        out = model(x.cuda().to(expected.dtype))
+    assert out.dtype == expected.dtype and torch.equal(out.cpu(), expected)
+
+
+def test_setting_data_shares_the_other_tensors_memory(remote):
+    p, q = torch.zeros(3).cuda(), torch.arange(3.0).cuda()
+    p.data = q
+    assert torch.equal(p.cpu(), torch.arange(3.0))
+    q.add_(1)  # one memory: p sees the write, as on a GPU
+    assert torch.equal(p.cpu(), torch.arange(1.0, 4.0))
+    del q
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.equal(p.cpu(), torch.arange(1.0, 4.0))  # q's death freed its handle, not the memory
+    p.data = torch.ones(2, 2, dtype=torch.int64).cuda()
+    assert p.shape == (2, 2) and p.dtype == torch.int64 and torch.equal(p.cpu(), torch.ones(2, 2, dtype=torch.int64))
 
 
 def test_tensor_cuda_and_to_non_blocking(remote):

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 CUDA0 = torch.device("cuda", 0)
+_DATA = torch._C.TensorBase.data  # torch's own ``.data`` (get, set)
 
 
 class TensorMeta(NamedTuple):
@@ -49,6 +50,25 @@ class RemoteTensor(torch.Tensor):
         rt = self.__dict__.get("_rt")
         if rt is not None and self.__dict__.get("_h") is not None:
             rt.release(self._h)
+
+    @property
+    def data(self) -> torch.Tensor:
+        return _DATA.__get__(self, type(self))
+
+    @data.setter
+    def data(self, new: torch.Tensor) -> None:
+        """``x.data = y`` (``Module.half()`` does it to each parameter): x reads y's memory from
+        now on. torch's setter only copies y's metadata into x; x's handle must name y's
+        memory too, so x takes the handle of a new alias of y and lets go of its own."""
+        _DATA.__set__(self, new)
+        if type(new) is not RemoteTensor:
+            return
+        view = self._rt.call(torch.ops.aten.alias.default, (new,), {})
+        old, d = self.__dict__.get("_h"), view.__dict__
+        self._h, self._meta, self._st, self._ep = d["_h"], d["_meta"], view._st, view._ep
+        d["_h"] = None  # (its handle is x's now: its death must not free it)
+        if old is not None:
+            self._rt.release(old)
 
     # -- what needs the data itself ------------------------------------------------
 
@@ -106,6 +126,14 @@ def remote(meta: TensorMeta, handle: int, runtime, _make=torch.Tensor._make_wrap
     if runtime.epoch:
         t._ep = runtime.epoch
     return t
+
+
+def set_meta(t: RemoteTensor, meta: TensorMeta) -> None:
+    """Give ``t`` new shape and strides in place (an in-place view op), keeping its handle."""
+    shell = RemoteTensor.__new__(RemoteTensor, meta, t._h, None)  # rt None: the shell frees nothing
+    with torch._C.DisableTorchFunction():
+        _DATA.__set__(t, shell)  # torch's setter: shallow-copies the metadata into t's TensorImpl
+    t._meta = meta
 
 
 def _runtime_of(args, kwargs):

@@ -37,7 +37,7 @@ from ..replay.streamer import EagerStreamer
 from ..stats import Stats
 from ..transport import Link
 from . import lineage
-from .remote_tensor import RemoteTensor, TensorMeta, remote
+from .remote_tensor import RemoteTensor, TensorMeta, remote, set_meta
 
 aten = torch.ops.aten
 _META = torch.device("meta")
@@ -933,10 +933,7 @@ def _set_meta(t: torch.Tensor, meta: TensorMeta) -> None:
     """Give a robot-side tensor new shape and strides in place, keeping the Python object."""
     if type(t) is not RemoteTensor:
         raise UnsupportedOpError("rrto: an op changed the shape of a CPU tensor given with cuda tensors")
-    shell = RemoteTensor.__new__(RemoteTensor, meta, t._h, None)  # rt None: the shell frees nothing
-    with torch._C.DisableTorchFunction():
-        t.data = shell  # shallow-copies the metadata into t's TensorImpl
-    t._meta = meta
+    set_meta(t, meta)
 
 
 def _no_tensors(res) -> bool:
