@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import io
 import threading
 
 import numpy as np
@@ -95,6 +96,57 @@ def test_setting_data_shares_the_other_tensors_memory(remote):
     assert torch.equal(p.cpu(), torch.arange(1.0, 4.0))  # q's death freed its handle, not the memory
     p.data = torch.ones(2, 2, dtype=torch.int64).cuda()
     assert p.shape == (2, 2) and p.dtype == torch.int64 and torch.equal(p.cpu(), torch.ones(2, 2, dtype=torch.int64))
+
+
+def _small_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 2)).eval()
+
+
+def _checkpoint(obj, saved_on: str = "cpu", monkeypatch=None) -> io.BytesIO:
+    """``torch.save(obj)``; ``saved_on="cuda:0"`` tags its storages as a GPU machine's save would."""
+    buf = io.BytesIO()
+    if saved_on != "cpu":
+        monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: saved_on)
+    torch.save(obj, buf)
+    if saved_on != "cpu":
+        monkeypatch.undo()
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("saved_on, map_location, device", [
+    ("cpu", "cuda", "cuda"), ("cpu", "cuda:0", "cuda"), ("cpu", torch.device("cuda"), "cuda"),
+    ("cpu", {"cpu": "cuda:0"}, "cuda"), ("cuda:0", None, "cuda"), ("cuda:0", "cpu", "cpu"),
+    ("cuda:0", lambda storage, location: storage, "cpu"),
+], ids=["cuda", "cuda:0", "device", "dict", "saved-on-gpu", "saved-on-gpu-to-cpu", "function"])
+def test_torch_load_puts_a_checkpoint_where_it_says(remote, monkeypatch, saved_on, map_location, device):
+    torch.manual_seed(0)
+    model, x = _small_model(), torch.randn(1, 3, 4, 4)
+    state = torch.load(_checkpoint(model.state_dict(), saved_on, monkeypatch), map_location=map_location)
+    assert {t.device.type for t in state.values()} == {device}
+    fresh = _small_model().cuda()
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(fresh(x.cuda()).cpu(), model(x))
+
+
+def test_torch_load_of_a_whole_model_saved_on_a_gpu(remote, monkeypatch):
+    torch.manual_seed(0)
+    model, x = _small_model(), torch.randn(1, 3, 4, 4)
+    loaded = torch.load(_checkpoint(model, "cuda:0", monkeypatch), weights_only=False)
+    assert all(isinstance(p, RemoteTensor) and isinstance(p, nn.Parameter) for p in loaded.parameters())
+    assert all(b.is_cuda for b in loaded.buffers())
+    with torch.no_grad():
+        assert torch.equal(loaded(x.cuda()).cpu(), model(x))
+
+
+def test_torch_load_to_cuda_in_local_mode(monkeypatch):
+    model = _small_model()
+    with rrto.offload(mode="local"):
+        state = torch.load(_checkpoint(model.state_dict()), map_location="cuda")
+        gpu_saved = torch.load(_checkpoint(model.state_dict(), "cuda:0", monkeypatch))
+    for loaded in (state, gpu_saved):
+        assert all(type(t) is torch.Tensor and torch.equal(t, model.state_dict()[k]) for k, t in loaded.items())
 
 
 def test_tensor_cuda_and_to_non_blocking(remote):

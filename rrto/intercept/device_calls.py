@@ -11,8 +11,9 @@ parser in front of every torch call of the app (1-2 us each; the keypoint net ma
 frame), and on a GPU server the robot's walk through the app is the frame.
 
 The same replacements carry the shortcuts (``shortcuts.py``: conv and batch norm sent
-straight to their aten op) and two guards (no backward through remote tensors; no
-page-locked memory).
+straight to their aten op), two guards (no backward through remote tensors; no
+page-locked memory) and ``torch.load``, whose ``map_location="cuda"`` (or a checkpoint
+saved from a GPU) would make CUDA storages, which no tensor of the virtual device has.
 
 In local mode "cuda" must become "cpu" in any call's device argument
 (``torch.zeros(3, device="cuda")``), so there ``LocalDeviceMode``, a function mode, does it.
@@ -102,7 +103,79 @@ def install(runtime) -> callable:
     patches += [(owner, name, no_backward(getattr(owner, name))) for owner, name in
                 ((torch.Tensor, "backward"), (torch.autograd, "backward"), (torch.autograd, "grad"))]
     patches += [(owner, name, _shortcut(getattr(owner, name), short)) for owner, name, short in SHORTCUTS]
+    patches += _checkpoint_loads(lambda t: upload(t, None, False, torch.preserve_format))
     return replace_attributes(patches)
+
+
+def install_local() -> callable:
+    """Local mode's replacements (the function mode does the rest); returns the undo."""
+    return replace_attributes(_checkpoint_loads(None))
+
+
+def _checkpoint_loads(move) -> list:
+    load = checkpoint_loader(torch.load, move)
+    return [(torch, "load", load), (torch.serialization, "load", load)]
+
+
+def checkpoint_loader(load, move):
+    """``torch.load`` that loads the storages bound for cuda (``map_location="cuda"``, or saved
+    from a GPU) on the CPU, then hands their tensors to ``move``: the upload, or None in local
+    mode, where cuda is the CPU. torch's own would make a CUDA storage, which only a GPU has."""
+    def load_(f, map_location=None, *args, **kwargs):
+        if isinstance(map_location, (str, torch.device)) and not _is_cuda(map_location):
+            return load(f, map_location, *args, **kwargs)  # ("cpu", "meta": torch's path, untouched)
+        bound: set = set()  # the StorageImpls that go to cuda
+
+        def restore(storage, location):
+            where = _location(map_location, storage, location)
+            if not isinstance(where, str):
+                return where  # the app's map_location function placed it
+            if where.startswith("cuda"):
+                bound.add(storage._cdata)
+                return storage
+            return torch.serialization.default_restore_location(storage, where)
+
+        obj = load(f, restore, *args, **kwargs)
+        return obj if move is None or not bound else _moved(obj, bound, move, {})
+    return functools.wraps(load)(load_)
+
+
+def _location(map_location, storage, location: str):
+    """Where torch.load would put a storage saved at ``location`` (a storage: the app's function placed it)."""
+    if map_location is None:
+        return location
+    if isinstance(map_location, dict):
+        return map_location.get(location, location)
+    if isinstance(map_location, (str, torch.device)):
+        return str(map_location)
+    placed = map_location(storage, location)
+    return location if placed is None else placed
+
+
+def _moved(obj, bound: set, move, memo: dict):
+    """``obj`` with each tensor on a storage bound for cuda moved (containers and modules in place)."""
+    if isinstance(obj, torch.Tensor):
+        out = memo.get(id(obj))
+        if out is None:
+            out = obj
+            if obj.device.type == "cpu" and obj.layout == torch.strided and obj.untyped_storage()._cdata in bound:
+                out = move(obj.detach())
+                if isinstance(obj, torch.nn.Parameter):
+                    out = torch.nn.Parameter(out, obj.requires_grad)
+            memo[id(obj)] = out
+        return out
+    if isinstance(obj, torch.nn.Module):  # a whole pickled model
+        return obj._apply(lambda t: _moved(t, bound, move, memo))
+    if isinstance(obj, dict):  # (in place: a state dict's type and its _metadata stay)
+        for k in list(obj):
+            obj[k] = _moved(obj[k], bound, move, memo)
+        return obj
+    if isinstance(obj, list):
+        obj[:] = [_moved(v, bound, move, memo) for v in obj]
+        return obj
+    if type(obj) is tuple:
+        return tuple(_moved(v, bound, move, memo) for v in obj)
+    return obj
 
 
 def _shortcut(full, short):

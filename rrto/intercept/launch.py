@@ -26,6 +26,7 @@ from . import cuda_backend, cuda_shim
 from .embedded import EmbeddedServer
 from .device_calls import LocalDeviceMode
 from .device_calls import install as install_device_calls
+from .device_calls import install_local as install_local_calls
 from .runtime import Runtime
 
 _active: "Offload | None" = None
@@ -56,6 +57,7 @@ class Offload:
             self.restore_cuda = cuda_shim.install(self.runtime, info)
             self.thread = threading.get_ident()
             if self.runtime is None:
+                self.restore_calls = install_local_calls()
                 self.mode = self.push_mode()
         except BaseException:
             self.restore_calls()
