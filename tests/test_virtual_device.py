@@ -149,6 +149,23 @@ def test_torch_load_to_cuda_in_local_mode(monkeypatch):
         assert all(type(t) is torch.Tensor and torch.equal(t, model.state_dict()[k]) for k, t in loaded.items())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_model_scripted_while_offloading_runs_on_the_device(remote):
+    """torch.jit.script compiles F.conv2d and F.batch_norm, which rrto replaces with shortcuts."""
+    torch.manual_seed(0)
+    model, x = _small_model(), torch.randn(1, 3, 4, 4)
+    scripted = torch.jit.script(copy.deepcopy(model)).cuda()
+
+    @torch.jit.script
+    def head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(x, w, padding=1).relu()
+
+    w = torch.randn(2, 3, 3, 3)
+    with torch.no_grad():
+        assert torch.equal(scripted(x.cuda()).cpu(), model(x))
+        assert torch.equal(head(x.cuda(), w.cuda()).cpu(), torch.nn.functional.conv2d(x, w, padding=1).relu())
+
+
 def test_tensor_cuda_and_to_non_blocking(remote):
     x = torch.randn(3, 4)
     a, b = x.cuda(), x.to("cuda", non_blocking=True)

@@ -21,6 +21,7 @@ In local mode "cuda" must become "cpu" in any call's device argument
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -102,9 +103,43 @@ def install(runtime) -> callable:
                 ((torch, "tensor"), (torch, "as_tensor"), (torch, "asarray"), (torch.Tensor, "new_tensor"))]
     patches += [(owner, name, no_backward(getattr(owner, name))) for owner, name in
                 ((torch.Tensor, "backward"), (torch.autograd, "backward"), (torch.autograd, "grad"))]
-    patches += [(owner, name, _shortcut(getattr(owner, name), short)) for owner, name, short in SHORTCUTS]
+    shortcuts = [(owner, name, _shortcut(getattr(owner, name), short)) for owner, name, short in SHORTCUTS]
+    patches += shortcuts
     patches += _checkpoint_loads(lambda t: upload(t, None, False, torch.preserve_format))
-    return replace_attributes(patches)
+    restore = replace_attributes(patches)
+    forget = _scripted_as_torchs([fn for _, _, fn in shortcuts])
+
+    def undo() -> None:
+        forget()
+        restore()
+    return undo
+
+
+def _scripted_as_torchs(wrappers: list) -> callable:
+    """Make ``torch.jit.script`` compile each wrapper as the torch function it wraps: a model
+    scripted while rrto offloads (``F.conv2d`` in ``Conv2d.forward``) would otherwise fail
+    on our Python wrapper. Returns the undo. (torch.jit's tables are private: on a torch
+    without them, scripting such a model fails as before, and nothing else changes.)"""
+    registered, table = [], {}
+    try:
+        from torch.jit import _builtins, _state
+        table = _builtins._get_builtin_table()
+        for fn in wrappers:
+            builtin = _builtins._find_builtin(fn.__wrapped__)
+            if builtin is not None:  # a C++ function (torch.conv2d): the aten op by name
+                _builtins._register_builtin(fn, builtin)
+                registered.append(fn)
+            else:  # a Python one (F.batch_norm): its compiled form, as torch caches it (~10 ms once)
+                with warnings.catch_warnings():  # (torch 2.13 deprecates torch.jit.script: not the app's call)
+                    warnings.simplefilter("ignore")
+                    _state._set_jit_function_cache(fn, torch.jit.script(fn.__wrapped__))
+    except Exception:  # noqa: BLE001
+        pass
+
+    def forget() -> None:  # (ids of dead functions are reused: no stale builtin may stay)
+        for fn in registered:
+            table.pop(id(fn), None)
+    return forget
 
 
 def install_local() -> callable:
