@@ -7,6 +7,7 @@ count replayed inferences), so a replayer that silently fell back to eager would
 from __future__ import annotations
 
 import copy
+import io
 import json
 
 import numpy as np
@@ -327,6 +328,26 @@ def test_a_constant_that_changes_is_an_upload_from_then_on(server):
     # std is recorded as an upload from then on, so its new value every third frame is no divergence
     assert replayed_between(replayed, 15, 22) == 7, replayed
     assert s["sequence_uploads"] >= 2, s
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch 2.13 deprecates TorchScript)
+def test_a_torchscript_model_replays(server):
+    xs = frames_of(16, 12)
+    archive = io.BytesIO()
+    torch.jit.save(torch.jit.script(TinyNet().eval()), archive)
+
+    def step(i, dev, st):
+        if "net" not in st:
+            archive.seek(0)
+            st["net"] = torch.jit.load(archive, map_location=dev)
+        with torch.no_grad():
+            return st["net"](xs[i].to(dev)).cpu()
+
+    local, _ = run_loop(step, 12, None)
+    remote, (replayed, s) = run_loop(step, 12, server.url)
+    assert_same(local, remote)
+    assert replayed_between(replayed, 4, 12) == 8, replayed
+    assert s["messages_per_replayed_inference"] == 1, s
 
 
 # -- running ahead: the server runs the iteration before the robot confirms it ----------------

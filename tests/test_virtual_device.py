@@ -5,6 +5,8 @@ import copy
 import gc
 import io
 import threading
+import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -164,6 +166,46 @@ def test_a_model_scripted_while_offloading_runs_on_the_device(remote):
     with torch.no_grad():
         assert torch.equal(scripted(x.cuda()).cpu(), model(x))
         assert torch.equal(head(x.cuda(), w.cuda()).cpu(), torch.nn.functional.conv2d(x, w, padding=1).relu())
+
+
+def _torchscript(model: nn.Module, saved_on_gpu: bool = False) -> io.BytesIO:
+    """``torch.jit.save(torch.jit.script(model))``; ``saved_on_gpu``: its tensors tagged "cuda:0"."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        buf = io.BytesIO()
+        torch.jit.save(torch.jit.script(model), buf)
+    buf.seek(0)
+    if not saved_on_gpu:
+        return buf
+    out = io.BytesIO()
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("/data.pkl"):  # the location of each storage, a pickled string
+                assert b"X\x03\x00\x00\x00cpu" in data
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            dst.writestr(item, data)
+    out.seek(0)
+    return out
+
+
+@pytest.mark.parametrize("load, device", [
+    (lambda f: torch.jit.load(f, map_location="cuda"), "cuda"),
+    (lambda f: torch.jit.load(f).cuda(), "cuda"),
+    (lambda f: torch.jit.load(f, map_location="cpu").to("cuda"), "cuda"),
+    (lambda f: torch.jit.load(_torchscript(_small_model(), saved_on_gpu=True)), "cuda"),
+    (lambda f: torch.jit.load(_torchscript(_small_model(), saved_on_gpu=True), map_location="cpu"), "cpu"),
+], ids=["map_location", "cuda()", "to()", "saved-on-gpu", "saved-on-gpu-to-cpu"])
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+def test_a_torchscript_model_loads_and_runs_on_the_device(remote, load, device):
+    torch.manual_seed(0)
+    model, x = _small_model(), torch.randn(1, 3, 4, 4)
+    torch.manual_seed(0)  # (the GPU-saved cases script a model of their own: the same weights)
+    loaded = load(_torchscript(model))
+    assert {t.device.type for t in (*loaded.parameters(), *loaded.buffers())} == {device}
+    with torch.no_grad():
+        out = loaded(x.to(device))
+    assert out.device.type == device and torch.equal(out.cpu(), model(x))
 
 
 def test_tensor_cuda_and_to_non_blocking(remote):

@@ -12,8 +12,9 @@ frame), and on a GPU server the robot's walk through the app is the frame.
 
 The same replacements carry the shortcuts (``shortcuts.py``: conv and batch norm sent
 straight to their aten op), two guards (no backward through remote tensors; no
-page-locked memory) and ``torch.load``, whose ``map_location="cuda"`` (or a checkpoint
-saved from a GPU) would make CUDA storages, which no tensor of the virtual device has.
+page-locked memory) and ``torch.load`` / ``torch.jit.load``, whose ``map_location="cuda"``
+(or a file saved from a GPU) would make CUDA storages, which no tensor of the virtual
+device has; TorchScript modules move with ``.cuda()`` slot by slot.
 
 In local mode "cuda" must become "cpu" in any call's device argument
 (``torch.zeros(3, device="cuda")``), so there ``LocalDeviceMode``, a function mode, does it.
@@ -149,7 +150,60 @@ def install_local() -> callable:
 
 def _checkpoint_loads(move) -> list:
     load = checkpoint_loader(torch.load, move)
-    return [(torch, "load", load), (torch.serialization, "load", load)]
+    jit_load = script_module_loader(torch.jit.load, move is not None)
+    patches = [(torch, "load", load), (torch.serialization, "load", load), (torch.jit, "load", jit_load)]
+    if move is not None:
+        patches.append((torch.jit.RecursiveScriptModule, "_apply", _script_module_apply))
+    return patches
+
+
+def script_module_loader(load, upload: bool):
+    """``torch.jit.load`` that loads a TorchScript model bound for cuda (``map_location="cuda"``,
+    or saved from a GPU) on the CPU, then moves it with ``.cuda()`` (``upload``; local mode: not).
+    torch's C++ loader would make its tensors on the device empty and shapeless."""
+    def jit_load(f, map_location=None, *args, **kwargs):
+        if not (_is_cuda(map_location) or map_location is None and _saved_on_cuda(f)):
+            return load(f, map_location, *args, **kwargs)
+        module = load(f, "cpu", *args, **kwargs)
+        return module.cuda() if upload else module
+    return functools.wraps(load)(jit_load)
+
+
+def _saved_on_cuda(f) -> bool:
+    """Whether a TorchScript archive holds tensors saved on a GPU: a "cuda" location among the
+    strings of its pickles, read without unpickling anything."""
+    import pickletools
+    import zipfile
+    pos = f.tell() if hasattr(f, "tell") else None
+    try:
+        with zipfile.ZipFile(f) as archive:
+            for name in archive.namelist():
+                if name.endswith(("/data.pkl", "/constants.pkl")):
+                    for _, arg, _ in pickletools.genops(archive.read(name)):
+                        if type(arg) is str and arg.startswith("cuda"):
+                            return True
+    except (OSError, ValueError, zipfile.BadZipFile):
+        pass  # torch's loader says what is wrong with the file
+    finally:
+        if pos is not None:
+            f.seek(pos)
+    return False
+
+
+def _script_module_apply(self, fn, recurse=True):
+    """``RecursiveScriptModule._apply`` (``.cuda()``, ``.to()``, ``.half()``): its parameters live
+    in C++ slots and come back as plain tensors, which torch's ``_apply`` can only change in
+    place (``param.data = ...``); a CPU tensor cannot become a RemoteTensor in place, so the
+    slot gets the new tensor."""
+    if recurse:
+        for child in self.children():
+            child._apply(fn)
+    with torch.no_grad():
+        for slots in (self._parameters, self._buffers):
+            for key, t in slots.items():
+                if t is not None:
+                    slots[key] = fn(t)
+    return self
 
 
 def checkpoint_loader(load, move):
