@@ -208,6 +208,29 @@ def test_a_torchscript_model_loads_and_runs_on_the_device(remote, load, device):
     assert out.device.type == device and torch.equal(out.cpu(), model(x))
 
 
+def test_torch_compile_runs_the_model_as_written(remote):
+    torch.manual_seed(0)
+    model, x = _small_model(), torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        expected = model(x)
+    model.cuda()
+    with pytest.warns(RuntimeWarning, match="torch.compile"):
+        compiled = torch.compile(model)
+
+    @torch.compile
+    def plain(x):
+        return model(x)
+
+    @torch.compile(mode="max-autotune", fullgraph=True)
+    def with_options(x):
+        return model(x)
+
+    model.compile()
+    with torch.no_grad():
+        for run in (compiled, plain, with_options, model):
+            assert torch.equal(run(x.cuda()).cpu(), expected)
+
+
 def test_tensor_cuda_and_to_non_blocking(remote):
     x = torch.randn(3, 4)
     a, b = x.cuda(), x.to("cuda", non_blocking=True)

@@ -14,7 +14,8 @@ The same replacements carry the shortcuts (``shortcuts.py``: conv and batch norm
 straight to their aten op), two guards (no backward through remote tensors; no
 page-locked memory) and ``torch.load`` / ``torch.jit.load``, whose ``map_location="cuda"``
 (or a file saved from a GPU) would make CUDA storages, which no tensor of the virtual
-device has; TorchScript modules move with ``.cuda()`` slot by slot.
+device has; TorchScript modules move with ``.cuda()`` slot by slot. ``torch.compile``
+returns the model as written: its compilers would build kernels for a GPU that is not here.
 
 In local mode "cuda" must become "cpu" in any call's device argument
 (``torch.zeros(3, device="cuda")``), so there ``LocalDeviceMode``, a function mode, does it.
@@ -151,10 +152,30 @@ def install_local() -> callable:
 def _checkpoint_loads(move) -> list:
     load = checkpoint_loader(torch.load, move)
     jit_load = script_module_loader(torch.jit.load, move is not None)
-    patches = [(torch, "load", load), (torch.serialization, "load", load), (torch.jit, "load", jit_load)]
+    patches = [(torch, "load", load), (torch.serialization, "load", load), (torch.jit, "load", jit_load),
+               (torch, "compile", eager_compile(torch.compile))]
     if move is not None:
         patches.append((torch.jit.RecursiveScriptModule, "_apply", _script_module_apply))
     return patches
+
+
+def eager_compile(compile_):
+    """``torch.compile`` while rrto is on: the model as it is. Its compilers would build kernels
+    for a cuda device this machine does not have; offloaded, the server replays the recorded
+    op sequence (as a CUDA graph on a GPU server) instead. Forms: ``torch.compile(m)``,
+    ``@torch.compile``, ``@torch.compile(mode=...)``, ``module.compile()``. Says so once."""
+    said = []
+
+    def as_written(model=None, **options):
+        if model is None:
+            return lambda m: as_written(m, **options)
+        if not said:
+            said.append(True)
+            warnings.warn("rrto: torch.compile() returns the model as written: its compilers would build "
+                          "kernels for a cuda device this machine does not have (offloaded, the server "
+                          "replays the recorded op sequence instead)", RuntimeWarning, stacklevel=2)
+        return model
+    return functools.wraps(compile_)(as_written)
 
 
 def script_module_loader(load, upload: bool):
