@@ -208,6 +208,19 @@ def test_a_torchscript_model_loads_and_runs_on_the_device(remote, load, device):
     assert out.device.type == device and torch.equal(out.cpu(), model(x))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch 2.13 deprecates TorchScript)
+def test_jit_trace_on_the_device_says_what_to_do_and_on_the_cpu_works(remote):
+    torch.manual_seed(0)
+    model, x = _small_model(), torch.randn(1, 3, 4, 4)
+    with pytest.raises(rrto.UnsupportedOpError, match="Trace on the CPU"):
+        torch.jit.trace(copy.deepcopy(model).cuda(), x.cuda())
+    archive = io.BytesIO()
+    torch.jit.save(torch.jit.trace(model, x), archive)  # on the CPU, while rrto is on
+    archive.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.load(archive, map_location="cuda")(x.cuda()).cpu(), model(x))
+
+
 def test_torch_compile_runs_the_model_as_written(remote):
     torch.manual_seed(0)
     model, x = _small_model(), torch.randn(1, 3, 4, 4)

@@ -108,6 +108,7 @@ def install(runtime) -> callable:
     shortcuts = [(owner, name, _shortcut(getattr(owner, name), short)) for owner, name, short in SHORTCUTS]
     patches += shortcuts
     patches += _checkpoint_loads(lambda t: upload(t, None, False, torch.preserve_format))
+    patches += [(torch.jit, "trace", _untraceable(torch.jit.trace))]
     restore = replace_attributes(patches)
     forget = _scripted_as_torchs([fn for _, _, fn in shortcuts])
 
@@ -286,6 +287,21 @@ def _moved(obj, bound: set, move, memo: dict):
     if type(obj) is tuple:
         return tuple(_moved(v, bound, move, memo) for v in obj)
     return obj
+
+
+def _untraceable(trace):
+    """``torch.jit.trace`` refuses a model or inputs on the virtual device, saying what to do:
+    the tracer would record rrto's own work (meta kernels, shortcuts) instead of the app's."""
+    def refused(func, example_inputs=None, *args, **kwargs):
+        owned = func.parameters() if isinstance(func, torch.nn.Module) else ()
+        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        if any(type(t) is RemoteTensor for t in (*inputs, *owned, *kwargs.get("example_kwarg_inputs", {}).values())):
+            raise UnsupportedOpError(
+                "rrto: torch.jit.trace of a model or inputs on the virtual cuda device is not supported. Trace on "
+                "the CPU (before .cuda()), save it, and load it here: torch.jit.load(path, map_location='cuda'); "
+                "or use torch.jit.script(model), which works on the device.")
+        return trace(func, example_inputs, *args, **kwargs)
+    return functools.wraps(trace)(refused)
 
 
 def _shortcut(full, short):
