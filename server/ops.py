@@ -63,7 +63,7 @@ log_sigmoid_forward hardswish hardswish_ hardtanh hardtanh_ hardsigmoid hardsigm
 leaky_relu_ elu elu_ silu silu_ gelu gelu_ mish mish_ softplus threshold threshold_ sigmoid sigmoid_ tanh tanh_
 floor_divide fix numpy_T mT mH adjoint expand_copy
 _local_scalar_dense item is_nonzero equal allclose isclose is_same_size complex polar cross linalg_cross
-linalg_inv_ex _linalg_solve_ex linalg_cholesky_ex _linalg_det _linalg_svd linalg_qr _linalg_eigh
+linalg_inv_ex _linalg_check_errors _linalg_solve_ex linalg_cholesky_ex _linalg_det _linalg_svd linalg_qr _linalg_eigh
 linalg_lu_factor_ex linalg_lu_solve triangular_solve linalg_solve_triangular _fft_r2c _fft_c2r _fft_c2c
 """.split())
 

@@ -221,6 +221,15 @@ def test_jit_trace_on_the_device_says_what_to_do_and_on_the_cpu_works(remote):
         assert torch.equal(torch.jit.load(archive, map_location="cuda")(x.cuda()).cpu(), model(x))
 
 
+def test_a_check_that_returns_nothing_runs_on_the_server(remote):
+    """linalg.inv ends in _linalg_check_errors, which returns nothing: it must still run, to
+    raise for a singular matrix as torch does instead of handing back infinities."""
+    assert torch.equal(torch.linalg.inv(torch.eye(3).cuda() * 2).cpu(), torch.eye(3) / 2)
+    with pytest.raises(RuntimeError, match="singular"):
+        torch.linalg.inv(torch.zeros(3, 3).cuda()).cpu()
+    assert torch.equal(torch.ones(2).cuda().cpu(), torch.ones(2))  # and the session goes on
+
+
 def test_torch_compile_runs_the_model_as_written(remote):
     torch.manual_seed(0)
     model, x = _small_model(), torch.randn(1, 3, 4, 4)

@@ -316,8 +316,10 @@ class Runtime:
             raise
         index = {id(m): i for i, m in enumerate(metas)}
         template = _template(res, index, tensors)
-        if not func._schema.is_mutable and (_no_tensors(res) or type(template) is Alias):
-            return Plan(name, template=template, local=True)  # metadata answers it: no message
+        # Metadata answers it: no message. (An op that returns nothing is a check, such as
+        # linalg.inv's for a singular matrix: the server runs it, to raise where a GPU would.)
+        if not func._schema.is_mutable and func._schema.returns and (_no_tensors(res) or type(template) is Alias):
+            return Plan(name, template=template, local=True)
         return Plan(name, template=template, uploads=uploads, pattern=_pattern(template, []),
                     nkey=name_key(OP, name),
                     all_new=type(template) is tuple and all(type(x) is TensorMeta for x in template))
