@@ -108,9 +108,9 @@ def install(runtime) -> callable:
     shortcuts = [(owner, name, _shortcut(getattr(owner, name), short)) for owner, name, short in SHORTCUTS]
     patches += shortcuts
     patches += _checkpoint_loads(lambda t: upload(t, None, False, torch.preserve_format))
-    patches += [(torch.jit, "trace", _untraceable(torch.jit.trace))]
+    script, forget = scripting_as_torchs(torch.jit.script, [fn for _, _, fn in shortcuts])
+    patches += [(torch.jit, "trace", _untraceable(torch.jit.trace)), (torch.jit, "script", script)]
     restore = replace_attributes(patches)
-    forget = _scripted_as_torchs([fn for _, _, fn in shortcuts])
 
     def undo() -> None:
         forget()
@@ -118,31 +118,42 @@ def install(runtime) -> callable:
     return undo
 
 
-def _scripted_as_torchs(wrappers: list) -> callable:
-    """Make ``torch.jit.script`` compile each wrapper as the torch function it wraps: a model
-    scripted while rrto offloads (``F.conv2d`` in ``Conv2d.forward``) would otherwise fail
-    on our Python wrapper. Returns the undo. (torch.jit's tables are private: on a torch
-    without them, scripting such a model fails as before, and nothing else changes.)"""
-    registered, table = [], {}
-    try:
-        from torch.jit import _builtins, _state
-        table = _builtins._get_builtin_table()
-        for fn in wrappers:
-            builtin = _builtins._find_builtin(fn.__wrapped__)
-            if builtin is not None:  # a C++ function (torch.conv2d): the aten op by name
-                _builtins._register_builtin(fn, builtin)
-                registered.append(fn)
-            else:  # a Python one (F.batch_norm): its compiled form, as torch caches it (~10 ms once)
-                with warnings.catch_warnings():  # (torch 2.13 deprecates torch.jit.script: not the app's call)
-                    warnings.simplefilter("ignore")
-                    _state._set_jit_function_cache(fn, torch.jit.script(fn.__wrapped__))
-    except Exception:  # noqa: BLE001
-        pass
+def scripting_as_torchs(script, wrappers: list) -> tuple[callable, callable]:
+    """(``torch.jit.script``, its undo) that compiles each wrapper as the torch function it wraps:
+    a model scripted while rrto offloads (``F.conv2d`` in ``Conv2d.forward``) would otherwise
+    fail on our Python wrapper. Set up at the first script, not at install: under the
+    LD_PRELOAD shim rrto starts inside torch's import, where compiling deadlocks on the import
+    lock. (torch.jit's tables are private: on a torch without them, scripting such a model
+    fails as before, and nothing else changes.)"""
+    registered, table, ready = [], {}, []
+
+    def register() -> None:
+        nonlocal table
+        try:
+            from torch.jit import _builtins, _state
+            table = _builtins._get_builtin_table()
+            for fn in wrappers:
+                builtin = _builtins._find_builtin(fn.__wrapped__)
+                if builtin is not None:  # a C++ function (torch.conv2d): the aten op by name
+                    _builtins._register_builtin(fn, builtin)
+                    registered.append(fn)
+                else:  # a Python one (F.batch_norm): its compiled form, as torch caches it (~10 ms)
+                    with warnings.catch_warnings():  # (torch 2.13 deprecates torch.jit.script)
+                        warnings.simplefilter("ignore")
+                        _state._set_jit_function_cache(fn, script(fn.__wrapped__))
+        except Exception:  # noqa: BLE001
+            pass
+
+    def script_(obj, *args, **kwargs):
+        if not ready:
+            ready.append(True)
+            register()
+        return script(obj, *args, **kwargs)
 
     def forget() -> None:  # (ids of dead functions are reused: no stale builtin may stay)
         for fn in registered:
             table.pop(id(fn), None)
-    return forget
+    return functools.wraps(script)(script_), forget
 
 
 def install_local() -> callable:

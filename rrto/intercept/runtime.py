@@ -15,6 +15,8 @@ session (``epoch``): tensors from before are re-uploaded when an op first needs 
 """
 from __future__ import annotations
 
+import collections
+import functools
 import gc
 import itertools
 import math
@@ -49,6 +51,17 @@ _NAMED_OUTPUTS = 256  # handle block for outputs only the server can size (see s
 RECONNECT_EVERY = 0.5  # seconds between reconnection attempts after a fault
 
 
+def _one_thread_at_a_time(method):
+    """``method`` of the Runtime, run holding its lock (see ``Runtime.__init__``)."""
+    @functools.wraps(method)
+    def serialized(self, *args, **kwargs):
+        with self._lock:
+            if self._frees:
+                self._free_dead()
+            return method(self, *args, **kwargs)
+    return serialized
+
+
 class Alias:
     """An op output that is one of its input tensors (in-place and out= ops).
 
@@ -77,6 +90,10 @@ class Plan:
 
 class Runtime:
     def __init__(self, config: Config, link: Link, server_info: dict, stats: Stats):
+        # One app thread at a time inside: robot apps run models from several threads (ROS
+        # callbacks); interleaved, two threads took the same replay step (one handle, two tensors).
+        self._lock = threading.RLock()
+        self._frees: collections.deque = collections.deque()  # handles of dead RemoteTensors (release)
         self.config, self.link, self.info, self.stats = config, link, server_info, stats
         self.allowed = frozenset(server_info.get("allowed", ()))
         self.streamer = EagerStreamer(link, _handle_of, wait_every_op=config.mode == "rpc")
@@ -118,6 +135,16 @@ class Runtime:
         norm's shortcut). A replayed op then makes no RemoteTensors for them: they come back
         as None and their handles are freed here, as their wrappers' deaths would.
         """
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._frees:
+                self._free_dead()
+            return self._call(func, args, kwargs, first)
+        finally:
+            lock.release()
+
+    def _call(self, func, args: tuple, kwargs: dict, first: bool):
         if self.closed:
             raise RrtoError(f"{func}: this tensor belongs to an rrto session that has ended "
                             "(rrto.disable() was called); its data is gone with the server")
@@ -185,7 +212,7 @@ class Runtime:
                         if rep.unstable:
                             rep.log_replayed(step, key, tensors, [base + o for o in offs])
                         for o in offs[1:]:
-                            self.release(base + o)
+                            self._release(base + o)
                         return made
                     base, handles, made = rep.base, [], []
                     fresh = iter([base + o for o in step.out_offsets if o is not None])
@@ -349,6 +376,7 @@ class Runtime:
 
     # -- data in and out ---------------------------------------------------------------
 
+    @_one_thread_at_a_time
     def upload(self, src: torch.Tensor, dtype=None, memory_format=None, non_blocking=False) -> RemoteTensor:
         """A CPU tensor's copy on the virtual device (``x.cuda()``, ``x.to("cuda")``)."""
         self.stats.uploads += 1
@@ -415,6 +443,7 @@ class Runtime:
             out = self.call(aten._to_copy.default, (out,), {"dtype": dtype})
         return out
 
+    @_one_thread_at_a_time
     def download(self, t: RemoteTensor) -> torch.Tensor:
         """The tensor's data as a new CPU tensor (``.cpu()``, ``print``, ``.tolist()``)."""
         if self.closed:
@@ -453,6 +482,17 @@ class Runtime:
         return cpu
 
     def release(self, handle: int) -> None:
+        """A RemoteTensor died (``__del__``: in any thread, at any allocation, maybe inside the
+        runtime). Its handle is freed at the runtime's next call, by whichever thread makes it:
+        a free rides on the next message anyway, and waiting for the lock here could deadlock."""
+        self._frees.append(handle)
+
+    def _free_dead(self) -> None:
+        pop = self._frees.popleft
+        while self._frees:
+            self._release(pop())
+
+    def _release(self, handle: int) -> None:
         if self.copies is not None:
             self.copies.pop(handle, None)
             if self.lop.hold(handle):
@@ -464,6 +504,7 @@ class Runtime:
 
     # -- torch.cuda answers --------------------------------------------------------------
 
+    @_one_thread_at_a_time
     def synchronize(self) -> None:
         self.stats.syncs += 1
         if self.lost:
@@ -489,6 +530,7 @@ class Runtime:
         if self.config.progress:
             self._print_progress()
 
+    @_one_thread_at_a_time
     def seed(self, seed: int) -> None:
         seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
         if self.lost:
@@ -574,6 +616,7 @@ class Runtime:
         except (LinkError, RemoteError):  # a lost link shows at the app's next request
             return None
 
+    @_one_thread_at_a_time
     def memory_allocated(self) -> int:
         if not self.lost:
             try:
@@ -615,6 +658,7 @@ class Runtime:
         print(f"rrto: sync {s.syncs}: {d[0] * 1e3:.1f} ms, {d[1]} messages, {d[2]} round trips, "
               f"{d[3] / 1e3:.1f} kB up, {d[4] / 1e3:.1f} kB down", file=sys.stderr, flush=True)
 
+    @_one_thread_at_a_time
     def close(self) -> None:
         if self.closed:
             return
@@ -633,12 +677,14 @@ class Runtime:
 
     # -- faults: lose the server, run here, reconnect, offload again ---------------------
 
+    @_one_thread_at_a_time
     def local_tensor(self, meta: TensorMeta) -> RemoteTensor:
         """A tensor made on the robot while the server is lost (no server handle yet)."""
         out = RemoteTensor(meta, next(self._handles), self)
         out._ep = -1
         return out
 
+    @_one_thread_at_a_time
     def reshape_in_place(self, t: RemoteTensor, meta: TensorMeta) -> None:
         _set_meta(t, meta)
 
