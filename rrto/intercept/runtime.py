@@ -93,7 +93,12 @@ class Runtime:
         # One app thread at a time inside: robot apps run models from several threads (ROS
         # callbacks); interleaved, two threads took the same replay step (one handle, two tensors).
         self._lock = threading.RLock()
-        self._frees: collections.deque = collections.deque()  # handles of dead RemoteTensors (release)
+        self._frees: collections.deque = collections.deque()  # handles of dead RemoteTensors
+        # ``release(handle)``: a RemoteTensor died (``__del__``: in any thread, at any allocation,
+        # maybe inside the runtime). Its handle is freed at the runtime's next call, by whichever
+        # thread makes it: a free rides on the next message anyway, and waiting for the lock here
+        # could deadlock. (The deque's own append: no Python frame per dead tensor.)
+        self.release = self._frees.append
         self.config, self.link, self.info, self.stats = config, link, server_info, stats
         self.allowed = frozenset(server_info.get("allowed", ()))
         self.streamer = EagerStreamer(link, _handle_of, wait_every_op=config.mode == "rpc")
@@ -135,11 +140,11 @@ class Runtime:
         norm's shortcut). A replayed op then makes no RemoteTensors for them: they come back
         as None and their handles are freed here, as their wrappers' deaths would.
         """
-        lock = self._lock
+        lock, frees = self._lock, self._frees
         lock.acquire()
         try:
-            if self._frees:
-                self._free_dead()
+            while frees:
+                self._release(frees.popleft())
             return self._call(func, args, kwargs, first)
         finally:
             lock.release()
@@ -480,12 +485,6 @@ class Runtime:
         if self._deep:
             self._cut_deep()
         return cpu
-
-    def release(self, handle: int) -> None:
-        """A RemoteTensor died (``__del__``: in any thread, at any allocation, maybe inside the
-        runtime). Its handle is freed at the runtime's next call, by whichever thread makes it:
-        a free rides on the next message anyway, and waiting for the lock here could deadlock."""
-        self._frees.append(handle)
 
     def _free_dead(self) -> None:
         pop = self._frees.popleft
