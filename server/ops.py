@@ -36,7 +36,7 @@ new_empty_strided new_zeros new_ones new_full full full_like arange linspace log
 randn rand randint randperm randn_like rand_like randint_like normal normal_ uniform_ bernoulli bernoulli_
 exponential_ multinomial native_dropout random_ cauchy_ geometric_ log_normal_
 sum mean prod max min amax amin aminmax argmax argmin std var std_mean var_mean norm linalg_vector_norm
-logsumexp cumsum cumprod cummax cummin all any count_nonzero median nanmedian mode kthvalue topk sort
+logsumexp cumsum cumprod cummax cummin all any _is_all_true _is_any_true count_nonzero median nanmedian mode kthvalue topk sort
 argsort msort nansum nanmean _unique _unique2 unique_dim unique_consecutive histc bucketize searchsorted isin
 dist cdist _cdist_forward _euclidean_dist renorm
 convolution _convolution conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d

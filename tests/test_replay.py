@@ -387,6 +387,38 @@ def test_threads_running_one_model_at_once_each_get_their_own_answers(server):
         assert_same(expected[k], results[k])
 
 
+def test_a_policy_that_samples_its_actions_replays_the_servers_random_stream(server):
+    """An RL policy on the robot: torch.distributions (whose argument checks end in
+    _is_all_true), Normal and Categorical samples drawn on the device each frame."""
+    torch.manual_seed(0)
+    policy = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    observations = [torch.randn(1, 8, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+
+    def run(mode: str):
+        rrto.enable(server=server.url, mode=mode, timeout=20)
+        try:
+            net = copy.deepcopy(policy).cuda()
+            log_std = torch.zeros(2).cuda()
+            torch.cuda.manual_seed(1)
+            out = []
+            with torch.no_grad():
+                for obs in observations:
+                    mu_logits = net(obs.cuda())
+                    normal = torch.distributions.Normal(mu_logits[:, :2], log_std.exp())
+                    action = normal.sample()
+                    choice = torch.distributions.Categorical(logits=mu_logits[:, 2:])
+                    out.append(torch.cat([action, normal.log_prob(action), choice.sample()[:, None].float(),
+                                          choice.entropy()[:, None]], 1).cpu())
+            return out, rrto.current().stats.snapshot()
+        finally:
+            rrto.disable()
+
+    eager, _ = run("eager")
+    replayed, s = run("replay")
+    assert_same(eager, replayed)  # the same ops in the same order draw the same numbers
+    assert s["replayed_inferences"] >= 8 and s["messages_per_replayed_inference"] == 1, s
+
+
 # -- running ahead: the server runs the iteration before the robot confirms it ----------------
 
 def test_turning_away_before_an_in_place_op_the_server_ran_ahead(server):
