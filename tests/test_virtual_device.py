@@ -230,6 +230,24 @@ def test_a_check_that_returns_nothing_runs_on_the_server(remote):
     assert torch.equal(torch.ones(2).cuda().cpu(), torch.ones(2))  # and the session goes on
 
 
+def test_data_parallel_on_the_one_device(remote):
+    torch.manual_seed(0)
+    model, x = _small_model(), torch.randn(2, 3, 4, 4)
+    parallel = nn.DataParallel(copy.deepcopy(model)).cuda()
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(parallel(x.cuda()).cpu(), expected)
+        assert torch.equal(parallel(x).cpu(), expected)  # a CPU input goes to the device, as torch does
+
+
+def test_data_parallel_in_local_mode():
+    torch.manual_seed(0)
+    model, x = _small_model(), torch.randn(2, 3, 4, 4)
+    with rrto.offload(mode="local"), torch.no_grad():
+        out = nn.DataParallel(copy.deepcopy(model)).cuda()(x.cuda())
+        assert torch.equal(out, model(x))
+
+
 def test_torch_compile_runs_the_model_as_written(remote):
     torch.manual_seed(0)
     model, x = _small_model(), torch.randn(1, 3, 4, 4)

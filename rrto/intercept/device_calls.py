@@ -16,6 +16,7 @@ page-locked memory) and ``torch.load`` / ``torch.jit.load``, whose ``map_locatio
 (or a file saved from a GPU) would make CUDA storages, which no tensor of the virtual
 device has; TorchScript modules move with ``.cuda()`` slot by slot. ``torch.compile``
 returns the model as written: its compilers would build kernels for a GPU that is not here.
+``DataParallel`` on the one device calls its module, as torch does with one GPU.
 
 In local mode "cuda" must become "cpu" in any call's device argument
 (``torch.zeros(3, device="cuda")``), so there ``LocalDeviceMode``, a function mode, does it.
@@ -165,7 +166,8 @@ def _checkpoint_loads(move) -> list:
     load = checkpoint_loader(torch.load, move)
     jit_load = script_module_loader(torch.jit.load, move is not None)
     patches = [(torch, "load", load), (torch.serialization, "load", load), (torch.jit, "load", jit_load),
-               (torch, "compile", eager_compile(torch.compile))]
+               (torch, "compile", eager_compile(torch.compile)),
+               (torch.nn.DataParallel, "forward", one_device_forward(torch.nn.DataParallel.forward))]
     if move is not None:
         patches.append((torch.jit.RecursiveScriptModule, "_apply", _script_module_apply))
     return patches
@@ -188,6 +190,17 @@ def eager_compile(compile_):
                           "replays the recorded op sequence instead)", RuntimeWarning, stacklevel=2)
         return model
     return functools.wraps(compile_)(as_written)
+
+
+def one_device_forward(forward):
+    """``DataParallel.forward`` on the one virtual device: what torch does with one GPU (move the
+    inputs there, call the module), without its scatter, which needs CUDA's C++ (``_scatter``)."""
+    def on_one_device(self, *inputs, **kwargs):
+        if len(self.device_ids) > 1:
+            return forward(self, *inputs, **kwargs)
+        inputs, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.cuda, (inputs, kwargs))
+        return self.module(*inputs, **kwargs)
+    return functools.wraps(forward)(on_one_device)
 
 
 def script_module_loader(load, upload: bool):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import sys
 import threading
 import warnings
@@ -46,7 +47,8 @@ class Offload:
         self.restore_cuda = self.restore_backend = self.restore_calls = lambda: None
         self.mode: LocalDeviceMode | None = None
         try:
-            info: dict = {"device_name": "rrto local (robot cpu)"}
+            info: dict = {"device_name": "rrto local (robot cpu)", "total_memory": _memory_bytes(),
+                          "multi_processor_count": os.cpu_count() or 1}
             if config.mode != "local":
                 info = self._connect()
                 self.runtime = Runtime(config, self.link, info, self.stats)
@@ -194,3 +196,11 @@ def current() -> Offload | None:
 
 
 atexit.register(disable)
+
+
+def _memory_bytes() -> int:
+    """The robot's memory: local mode's "GPU" memory (DataParallel divides by it)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
