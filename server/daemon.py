@@ -24,7 +24,7 @@ import zmq
 
 from rrto import codec
 
-from . import capture
+from . import capture, kernels
 from .auth import CurveAuth
 from .cache import WeightCache
 from .ops import OpTable, SizeCheck, warm_up
@@ -44,6 +44,7 @@ class Daemon:
         self.idle_timeout = idle_timeout
         bound_heap_growth(heap_mmap_mb)
         self.parent = os.getppid() if exit_with_parent else None
+        self._kernels = kernels.install()  # (before the allowlist: it lists ops with kernels)
         self.ops = OpTable()
         self.sizes = SizeCheck(limits.max_tensor_bytes)
         self.sessions: dict[str, Session] = {}

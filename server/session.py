@@ -286,6 +286,13 @@ class Session:
             self.layout_generation += 1
         return self.execute_sized(info, args, kwargs, handles, self.sizes.outputs(info, args, kwargs), named_base)
 
+    def _defined(self, result: tuple, metas: list) -> tuple:
+        """An output a kernel left undefined (None) where its meta kernel, which the robot sized
+        it with, gives an empty tensor (``_native_multi_head_attention``'s weights when none
+        were asked for): that empty tensor, so robot and server agree on the outputs."""
+        return tuple(torch.empty(m.shape, dtype=m.dtype, device=self.device) if r is None and 0 in m.shape else r
+                     for r, m in zip(result, metas))
+
     def execute_sized(self, info: OpInfo, args: list, kwargs: dict, handles, metas, named_base=None):
         """``execute`` with the op's output metadata already checked (``self.sizes.outputs``):
         a program step checks again only when its inputs' layouts change."""
@@ -295,6 +302,9 @@ class Session:
             self._inject_generator(info, args, kwargs)
         result = info.op(*args, **kwargs)
         self.ops_run += 1
+        if type(result) is tuple and metas is not None and len(metas) == len(result) and \
+                any(r is None for r in result):
+            result = self._defined(result, metas)
         outs = [result] if type(result) is torch.Tensor else flat_tensors(result, [])
         inputs = None
         if named_base is not None:  # the robot could not predict the outputs: name them base, base+1, ...

@@ -419,6 +419,40 @@ def test_a_policy_that_samples_its_actions_replays_the_servers_random_stream(ser
     assert s["replayed_inferences"] >= 8 and s["messages_per_replayed_inference"] == 1, s
 
 
+def test_a_recurrent_model_carrying_its_state_replays(server):
+    """An LSTM over a stream of observations, its (h, c) fed back each frame: CUDA's fused cells
+    on the device, the state a tensor from outside each iteration (a slot)."""
+    torch.manual_seed(0)
+    lstm, head = nn.LSTM(8, 16, batch_first=True).eval(), nn.Linear(16, 2).eval()
+    observations = [torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+
+    def run(mode: str | None):
+        if mode is not None:
+            rrto.enable(server=server.url, mode=mode, timeout=20)
+        dev = "cpu" if mode is None else "cuda"
+        try:
+            rnn, lin = copy.deepcopy(lstm).to(dev), copy.deepcopy(head).to(dev)
+            state, out = None, []
+            with torch.no_grad():
+                for obs in observations:
+                    y, state = rnn(obs.to(dev), state)
+                    out.append(lin(y[:, -1]).cpu())
+            return out, (rrto.current().stats.snapshot() if mode else None)
+        finally:
+            if mode is not None:
+                rrto.disable()
+
+    local, _ = run(None)
+    eager, _ = run("eager")
+    replayed, s = run("replay")
+    assert_same(eager, replayed)
+    for a, b in zip(local, replayed):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # (fused gates: another order of sums)
+    # the upload, and the download asked for: the server's run ahead stops where the state
+    # comes in, a tensor the robot names only when the app passes it
+    assert s["replayed_inferences"] >= 8 and s["messages_per_replayed_inference"] == 2, s
+
+
 # -- running ahead: the server runs the iteration before the robot confirms it ----------------
 
 def test_turning_away_before_an_in_place_op_the_server_ran_ahead(server):

@@ -248,6 +248,40 @@ def test_data_parallel_in_local_mode():
         assert torch.equal(out, model(x))
 
 
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.LSTM(8, 16, 2, batch_first=True), (2, 5, 8)),
+    (lambda: nn.GRU(8, 16, batch_first=True), (2, 5, 8)),
+    (lambda: nn.LSTMCell(8, 16), (2, 8)),
+    (lambda: nn.GRUCell(8, 16), (2, 8)),
+    (lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2,
+                                   enable_nested_tensor=False), (2, 5, 16)),
+    (lambda: nn.EmbeddingBag(10, 4), None),
+], ids=["LSTM", "GRU", "LSTMCell", "GRUCell", "TransformerEncoder", "EmbeddingBag"])
+def test_modules_whose_cuda_path_differs_from_the_cpus(remote, make, shape):
+    """On a cuda tensor, RNN cells run as CUDA-only fused ops (the server runs them as the ops
+    they fuse when it has no GPU) and an encoder layer in eval takes torch's fused fast path."""
+    torch.manual_seed(0)
+    module = make().eval()
+    x = torch.randint(0, 10, (2, 3)) if shape is None else torch.randn(*shape)
+    with torch.no_grad():
+        expected = module(x)
+        out = copy.deepcopy(module).cuda()(x.cuda())
+    flat = lambda o: [t for t in (o if isinstance(o, tuple) else (o,)) for t in (t if isinstance(t, tuple) else (t,))]
+    for a, b in zip(flat(out), flat(expected), strict=True):
+        assert a.is_cuda and a.shape == b.shape
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)  # (fused gates: another order of sums)
+
+
+def test_a_full_transformer_in_eval_takes_the_fused_attention_path(remote):
+    torch.manual_seed(0)
+    model = nn.Transformer(16, 4, 1, 1, 32, batch_first=True).eval()
+    src, tgt = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        expected = model(src, tgt)
+        out = copy.deepcopy(model).cuda()(src.cuda(), tgt.cuda())
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_torch_compile_runs_the_model_as_written(remote):
     torch.manual_seed(0)
     model, x = _small_model(), torch.randn(1, 3, 4, 4)

@@ -111,6 +111,10 @@ def install(runtime) -> callable:
         warnings.simplefilter("ignore")
         for name, op in cuda_factories():
             libs[1].impl(name, _routed(runtime, op), "CUDA")
+    # A GRU on a cuda tensor runs its cells as a CUDA-only fused op with no meta kernel; without
+    # one the runtime could not size its outputs and would wait for the server at every step.
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_thnn_fused_gru_cell", "Meta"):
+        libs[1].impl("_thnn_fused_gru_cell", _gru_cell_meta, "Meta")
 
     cudnn = torch.backends.cudnn.enabled
     torch.backends.cudnn.enabled = False
@@ -143,6 +147,11 @@ def cuda_factories() -> list[tuple[str, "torch._ops.OpOverload"]]:
         if not any("Tensor" in str(a.type) for a in schema.arguments):
             out.append((qualified[len("aten::"):], op))
     return out
+
+
+def _gru_cell_meta(input_gates, hidden_gates, hx, input_bias=None, hidden_bias=None):
+    """(hy, workspace): hy like hx; the workspace holds five gate-sized blocks, as CUDA's does."""
+    return hx.new_empty(hx.shape), hx.new_empty((hx.shape[0], 5 * hx.shape[1]))
 
 
 def _routed(runtime, op):
