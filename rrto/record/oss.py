@@ -53,10 +53,12 @@ class SequenceSearch:
                 return _build(log, L, *confirmed)
         return None
 
-    def _confirm(self, log: OpLog, L: int) -> tuple[list, set] | None:
-        """(per step: the roles of its tensor arguments; the steps that are constant uploads)."""
+    def _confirm(self, log: OpLog, L: int) -> tuple[list, set, dict] | None:
+        """(per step: the roles of its tensor arguments; the steps that are constant uploads;
+        ``(step, argument) -> (step, output)`` for a tensor from outside the period that each
+        period took from the same output of the period before: recurrent state)."""
         starts = [log.end - (p + 1) * L for p in range(self.repeats)]
-        roles, constants = [], set()
+        roles, constants, carried = [], set(), {}
         dynamic: set[int] = set()  # steps whose outputs' shapes depend on data
         for o in range(L):
             evs = [log.at(s + o) for s in starts]
@@ -76,8 +78,13 @@ class SequenceSearch:
                     step.append(rs[0])
                 elif any(r[0] != _OUT for r in rs):
                     return None
+                elif all(r[1] == h for r in rs):
+                    step.append((PERSIST, h))
                 else:
-                    step.append((PERSIST, h) if all(r[1] == h for r in rs) else (EXT,))
+                    step.append((EXT,))
+                    made = {_made_in_the_period_before(log, e.handles[t], s, L) for e, s in zip(evs, starts)}
+                    if len(made) == 1 and None not in made:
+                        carried[(o, t)] = made.pop()
             # Shapes must repeat exactly, except downstream of a data-dependent op (a count of
             # detections): there only op, scalars and data flow must, as replay checks them.
             dyn = any(r[0] == _IN and r[1] in dynamic for r in step)
@@ -92,7 +99,15 @@ class SequenceSearch:
                     all(e.frames == e0.frames for e in evs[1:]):
                 constants.add(o)
             roles.append(step)
-        return roles, constants
+        return roles, constants, carried
+
+
+def _made_in_the_period_before(log: OpLog, h: int, start: int, L: int) -> tuple | None:
+    """(step, output) of the period before ``start`` that made handle ``h``, or None."""
+    p = log.producer.get(h)
+    if p is not None and start - L <= p[0] < start:
+        return (p[0] - start + L, p[1])
+    return None
 
 
 def _origin(log: OpLog, h: int, start: int, i: int) -> tuple:
@@ -102,7 +117,7 @@ def _origin(log: OpLog, h: int, start: int, i: int) -> tuple:
     return (_OUT, h)
 
 
-def _build(log: OpLog, L: int, roles: list, constants: set) -> Program:
+def _build(log: OpLog, L: int, roles: list, constants: set, carried: dict) -> Program:
     """The last period as a Program, rotated to start at its first upload that is not a constant."""
     start = log.end - L
     events = [log.at(start + o) for o in range(L)]
@@ -113,19 +128,26 @@ def _build(log: OpLog, L: int, roles: list, constants: set) -> Program:
     offsets: list[tuple] = []  # per step: handle offset of each output
     n_handles = n_slots = 0
     steps, frames, descs = [], [], []
+    before: list = []  # (slot, step and output of the period that made it) for the previous iteration's
     for pos, o in enumerate(order):
         ev = events[o]
         step_roles = []
-        for (h, role) in zip(ev.handles, roles[o]):
+        for t, (h, role) in enumerate(zip(ev.handles, roles[o])):
             kind = role[0]
             if kind == _IN:
                 q, j = role[1], role[2]
                 if (o >= r0) != (q >= r0):  # made by the previous iteration: changes every time
+                    before.append((n_slots, q, j))
                     step_roles.append((EXT, n_slots))
                     n_slots += 1
                 else:  # a data-dependent op's outputs too: the robot names them base + ob + j
                     step_roles.append((IN, offsets[pos_of[q]][j]))
             elif kind == EXT:
+                q, j = carried.get((o, t), (None, 0))
+                # made by the period before: in the previous iteration if both ends are on the same
+                # side of the rotation (a step made before the input's upload is two iterations back)
+                if q is not None and (o >= r0) == (q >= r0):
+                    before.append((n_slots, q, j))
                 step_roles.append((EXT, n_slots))
                 n_slots += 1
             elif kind == CPU:
@@ -167,7 +189,9 @@ def _build(log: OpLog, L: int, roles: list, constants: set) -> Program:
         key = ev.key
         steps.append(Step(kind, key, erase(key), tuple(step_roles), pattern_of(ev.outs), tuple(outs), name, spec,
                           ev, value))
-    return Program(steps, n_handles, n_slots, frames, descs)
+    made = {n: offsets[pos_of[q]][j] for n, q, j in before if j < len(offsets[pos_of[q]])}
+    return Program(steps, n_handles, n_slots, frames, descs,
+                   carried={n: off for n, off in made.items() if off is not None})
 
 
 def _op_spec(ev, roles: list, outs: tuple, frames: list, descs: list) -> dict:

@@ -54,6 +54,9 @@ class Program:
     frames: list = field(default_factory=list)  # inline CPU constants, referenced by {"i": n}
     descs: list = field(default_factory=list)
     pid: int = 0
+    # slot -> the output offset, in the previous iteration, of the tensor the app passes there
+    # each time (recurrent state): the robot can name it before the app does, at the upload
+    carried: dict = field(default_factory=dict)
     _spans: dict = field(default_factory=dict, repr=False)
     _answered: tuple | None = field(default=None, repr=False)
 

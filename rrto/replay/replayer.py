@@ -58,6 +58,8 @@ class Replayer:
         self._pending: list[list] = []  # runs the server has not been sent yet: [pid, base, a, b, slots]
         self._run: list | None = None
         self._slots: list = []  # this iteration's (slot, handle) pairs, flat
+        self._predicted: dict = {}  # slot -> the handle named for it at the iteration's start
+        self._completed = False  # the last iteration was replayed to its end (its handles are base + offset)
         self._reply_numbers, self._forget = reply_numbers, forget_replies
         self._ask: int | None = None  # the step whose message is about to leave: it asks to run ahead
         self._ahead: tuple[int, int] = (0, 0)  # steps [a, b) the server runs ahead in this iteration
@@ -120,7 +122,7 @@ class Replayer:
                 if h != r[1]:
                     return self._diverge(step)
             elif role == EXT:
-                if h is None:
+                if h is None or self._predicted and self._predicted.get(r[1], h) != h:
                     return self._diverge(step)
                 if slots is None:
                     slots = [r[1], h]
@@ -269,11 +271,18 @@ class Replayer:
             self._drops_said = True
 
     def _begin(self) -> None:
+        prev, freed = self.base if self._completed else None, self._freed
         self.base = self._next_base
         self._next_base += max(self.program.n_handles, self.reserve, 1)
         self._freed = bytearray(self.program.n_handles)
         self._held = len(self._drops) if self._drops else 0
-        self._slots = []
+        # Recurrent state: the slots the app filled with the previous iteration's outputs, named
+        # now, so that the run ahead need not stop where the state comes in. Outputs the app let
+        # go of are not (the server may have freed them); a wrong guess is a divergence in match.
+        self._predicted = {} if prev is None else \
+            {n: prev + off for n, off in self.program.carried.items() if off < len(freed) and not freed[off]}
+        self._slots = [x for n, h in self._predicted.items() for x in (n, h)]
+        self._completed = False
         self._no_ahead = False
         self._messages_at_start = self.stats.messages_sent
         if len(self.log) and not self.unstable:
@@ -283,6 +292,7 @@ class Replayer:
         self.pos = 0
         self._run = None
         self.skip_to = 0
+        self._completed = True
         self.stats.replayed_inferences += 1
         # the last step, if it is not a deferred op or answered ahead, is a message about to leave
         last = len(self.program.steps) - 1
@@ -361,6 +371,7 @@ class Replayer:
         self._step_of = {o: i for i, st in enumerate(prog.steps) if st.kind == "op" and one_run
                          for o in st.out_offsets if o is not None}
         self._drops, self._drops_said, self._freed, self._held = None, True, bytearray(), 0
+        self._completed = False
         self.pos = 0
         self._run = None
         self.unstable = False
