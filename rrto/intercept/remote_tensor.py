@@ -128,6 +128,17 @@ def remote(meta: TensorMeta, handle: int, runtime, _make=torch.Tensor._make_wrap
     return t
 
 
+def is_cuda(device) -> bool:
+    """Whether a device argument (``"cuda:0"``, ``torch.device``, a bare index) names cuda."""
+    if device is None:
+        return False
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int)  # a bare index means a cuda device, as in torch
+
+
 def set_meta(t: RemoteTensor, meta: TensorMeta) -> None:
     """Give ``t`` new shape and strides in place (an in-place view op), keeping its handle."""
     shell = RemoteTensor.__new__(RemoteTensor, meta, t._h, None)  # rt None: the shell frees nothing
