@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import functools
+import struct
 import warnings
+import zipfile
 
 import torch
 
@@ -119,19 +121,26 @@ def script_module_loader(load, upload: bool):
     return functools.wraps(load)(jit_load)
 
 
+def _pickled(text: str) -> tuple[bytes, bytes]:
+    """``text`` as a pickle stores a string (protocol 2's BINUNICODE, 4's SHORT_BINUNICODE)."""
+    b = text.encode()
+    return b"X" + struct.pack("<I", len(b)) + b, b"\x8c" + bytes([len(b)]) + b
+
+
+_CUDA_LOCATIONS = tuple(p for n in ["cuda"] + [f"cuda:{i}" for i in range(16)] for p in _pickled(n))
+
+
 def _saved_on_cuda(f) -> bool:
-    """Whether a TorchScript archive holds tensors saved on a GPU: a "cuda" location among the
-    strings of its pickles, read without unpickling anything."""
-    import pickletools
-    import zipfile
+    """Whether a TorchScript archive holds tensors saved on a GPU: a storage location "cuda"
+    or "cuda:N" among the strings of its pickles, found in their bytes (nothing is unpickled)."""
     pos = f.tell() if hasattr(f, "tell") else None
     try:
         with zipfile.ZipFile(f) as archive:
             for name in archive.namelist():
                 if name.endswith(("/data.pkl", "/constants.pkl")):
-                    for _, arg, _ in pickletools.genops(archive.read(name)):
-                        if type(arg) is str and arg.startswith("cuda"):
-                            return True
+                    data = archive.read(name)
+                    if any(loc in data for loc in _CUDA_LOCATIONS):
+                        return True
     except (OSError, ValueError, zipfile.BadZipFile):
         pass  # torch's loader says what is wrong with the file
     finally:
