@@ -128,7 +128,7 @@ def _build(log: OpLog, L: int, roles: list, constants: set, carried: dict) -> Pr
     offsets: list[tuple] = []  # per step: handle offset of each output
     n_handles = n_slots = 0
     steps, frames, descs = [], [], []
-    before: list = []  # (slot, step and output of the period that made it) for the previous iteration's
+    before: list = []  # (slot, step, output): a slot filled with that output of the previous iteration
     for pos, o in enumerate(order):
         ev = events[o]
         step_roles = []
@@ -189,9 +189,12 @@ def _build(log: OpLog, L: int, roles: list, constants: set, carried: dict) -> Pr
         key = ev.key
         steps.append(Step(kind, key, erase(key), tuple(step_roles), pattern_of(ev.outs), tuple(outs), name, spec,
                           ev, value))
-    made = {n: offsets[pos_of[q]][j] for n, q, j in before if j < len(offsets[pos_of[q]])}
-    return Program(steps, n_handles, n_slots, frames, descs,
-                   carried={n: off for n, off in made.items() if off is not None})
+    carried_offsets = {}
+    for n, q, j in before:
+        outs = offsets[pos_of[q]]
+        if j < len(outs) and outs[j] is not None:  # (None: an input given back, in place)
+            carried_offsets[n] = outs[j]
+    return Program(steps, n_handles, n_slots, frames, descs, carried=carried_offsets)
 
 
 def _op_spec(ev, roles: list, outs: tuple, frames: list, descs: list) -> dict:
