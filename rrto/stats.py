@@ -32,6 +32,8 @@ class Stats:
     replay_divergences: int = 0
     replay_messages: int = 0  # messages sent during replayed iterations
     answered_ahead: int = 0  # waits whose answer the server sent unasked, having run ahead
+    runs_recalled: int = 0  # runs ahead taken back because another thread touched what they did
+    replayers: int = 0  # replay mode: one per app thread that calls ops (and again after a reconnection)
     # faults: the server lost, the app run on the robot's CPU meanwhile, then offloading again
     faults: int = 0
     reconnects: int = 0

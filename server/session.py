@@ -66,7 +66,8 @@ class Session:
         self.programs: dict[int, Program] = {}
         self.programs_run = 0
         self._ahead_job: tuple | None = None  # (program, base, from, to, slots, seqs): run after the reply
-        self._ahead_run: AheadRun | None = None  # the last run ahead, until the robot settles it
+        # per program, its last run ahead until the robot settles it (one program per app thread)
+        self._ahead_runs: dict[int, AheadRun] = {}
         # A robot measures its link with real inferences: a message it marks 'clk': n is stamped
         # on arrival, and the next reply carries 'sv': [n, seconds spent here since] (lop's planner
         # subtracts it from the round trip it saw; nothing is compared across the two clocks).
@@ -116,7 +117,8 @@ class Session:
             self.handles.clear()
             self._storages.clear()
             self.programs.clear()
-            self._ahead_run = self._ahead_job = None
+            self._ahead_runs.clear()
+            self._ahead_job = None
             while not self.inbox.empty():  # requests sent after the goodbye: their frames go too
                 self.inbox.get_nowait()
 
@@ -166,7 +168,12 @@ class Session:
     def _dispatch(self, h: dict, frames: list) -> tuple[dict, list]:
         t = h.get("t")
         cf = h.get("cf")
-        if cf is not None:
+        if type(cf) is list and cf and type(cf[0]) is list:  # several threads' runs ahead
+            if len(cf) > MAX_PROGRAMS:
+                raise OpError(f"'cf' settles at most {MAX_PROGRAMS} runs ahead")
+            for one in cf:
+                self._settle(one)
+        elif cf is not None:
             self._settle(cf)
         pre = h.get("pre")
         if pre is not None:
@@ -343,10 +350,17 @@ class Session:
 
     def _register(self, h: dict, frames: list) -> tuple[dict, list]:
         drop = h.get("drop")
-        if drop is not None:
-            dropped = self.programs.pop(drop, None)
+        if type(drop) is int:
+            drop = [drop]
+        if drop is not None and (type(drop) is not list or len(drop) > MAX_PROGRAMS):
+            raise OpError("'drop' names the programs to drop: a program number or a short list of them")
+        for pid in drop or ():
+            dropped = self.programs.pop(pid, None) if type(pid) is int else None
             if dropped is not None:
                 dropped.release(self)
+                run = self._ahead_runs.pop(pid, None)
+                if run is not None:
+                    run.release(self)
         if len(self.programs) >= MAX_PROGRAMS:
             raise OpError(f"this session holds {MAX_PROGRAMS} programs, the most it may; drop one first", kind="quota")
         prog = Program.decode(h, frames, self)
@@ -382,10 +396,10 @@ class Session:
         """Validate a run-ahead request: 'ah' a program run, 'aq' a reply number per wait in it,
         'ad' (when it changed) the outputs the robot expects to drop within each iteration, as
         (first, count) runs of offsets (``Program.expect_dropped``)."""
-        if self._ahead_run is not None:  # never settled (the robot moved on): keep what it did
-            self._ahead_run.release(self)
-            self._ahead_run = None
         prog, base, a, b, slots = self._program_run(ah)
+        unsettled = self._ahead_runs.pop(prog.pid, None)
+        if unsettled is not None:  # never settled (the robot moved on): keep what it did
+            unsettled.release(self)
         if ad is not None:  # (first: the robot counts on it from now on, run ahead or not)
             prog.expect_dropped(self, _offsets(ad, prog.outputs))
         if type(aq) is not list or not all(type(q) is int for q in aq) \
@@ -406,7 +420,7 @@ class Session:
         aq = header["aq"]
         if job is not None:
             prog, base, a, b, slots, seqs = job
-            self._ahead_run = prog.ahead(self, base, a, b, slots, seqs, self._send)
+            self._ahead_runs[prog.pid] = prog.ahead(self, base, a, b, slots, seqs, self._send)
             self.programs_run += 1
             return
         if type(aq) is not list:
@@ -425,8 +439,10 @@ class Session:
                 or type(cf[3]) is not list or len(cf[3]) % 2 or len(cf) == 5 and type(cf[4]) is not list:
             raise OpError("a confirmation is 'cf': [program, base, steps reached, [slot, handle, ...]"
                           "(, [offset, ...] of outputs the robot expected to drop and holds)]")
-        run, self._ahead_run = self._ahead_run, None
-        if run is None or run.program.pid != cf[0] or run.base != cf[1]:
+        run = self._ahead_runs.pop(cf[0], None)
+        if run is None or run.base != cf[1]:
+            if run is not None:
+                run.release(self)
             return  # nothing ran ahead for it (refused, or the program was dropped)
         if not 0 <= cf[2] <= len(run.program.steps):
             run.release(self)

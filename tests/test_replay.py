@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import sys
-import threading
 
 import numpy as np
 import pytest
@@ -350,41 +348,6 @@ def test_a_torchscript_model_replays(server):
     assert_same(local, remote)
     assert replayed_between(replayed, 4, 12) == 8, replayed
     assert s["messages_per_replayed_inference"] == 1, s
-
-
-def test_threads_running_one_model_at_once_each_get_their_own_answers(server):
-    """A ROS node: callbacks in several threads run the same model. Their calls interleave at
-    every bytecode here (switch interval 1 us); each thread's outputs must be its own."""
-    net = TinyNet().eval()
-    frames = [frames_of(16, 30, seed=10 + k) for k in range(3)]
-    with torch.no_grad():
-        expected = [[net.head(net(x)) for x in xs] for xs in frames]
-    results, errors = [[] for _ in frames], []
-
-    def worker(k):
-        try:
-            with torch.no_grad():
-                for x in frames[k]:
-                    results[k].append(net.head(net(x.cuda())).cpu())
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    switch = sys.getswitchinterval()
-    rrto.enable(server=server.url, mode="replay", timeout=20)
-    try:
-        net.cuda()
-        sys.setswitchinterval(1e-6)
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(frames))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    finally:
-        sys.setswitchinterval(switch)
-        rrto.disable()
-    assert not errors, errors
-    for k in range(len(frames)):
-        assert_same(expected[k], results[k])
 
 
 def test_a_policy_that_samples_its_actions_replays_the_servers_random_stream(server):

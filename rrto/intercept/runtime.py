@@ -34,7 +34,7 @@ from .. import codec
 from ..config import Config
 from ..errors import LinkError, RemoteError, RrtoError, UnsupportedOpError
 from ..record import CONSTANT_BYTES, GET, OP, PUT, SEED, SYNC, Event, name_key
-from ..replay.replayer import Replayer, cpu_bytes
+from ..replay.replayer import Replayer, Shared, cpu_bytes
 from ..replay.streamer import EagerStreamer
 from ..stats import Stats
 from ..transport import Link
@@ -49,6 +49,10 @@ _CPU_ARGS_OK = {aten.copy_.default, aten.index.Tensor, aten.index_put.default, a
 _MAX_PLANS = 100_000
 _NAMED_OUTPUTS = 256  # handle block for outputs only the server can size (see server MAX_NAMED_OUTPUTS)
 RECONNECT_EVERY = 0.5  # seconds between reconnection attempts after a fault
+# Threads with a replayer of their own (replay mode); more share one, as all threads did
+# before (mostly eagerly: their calls interleave). The server keeps 16 programs per session.
+MAX_THREAD_REPLAYERS = 8
+_get_ident = threading.get_ident
 
 
 def _one_thread_at_a_time(method):
@@ -56,6 +60,8 @@ def _one_thread_at_a_time(method):
     @functools.wraps(method)
     def serialized(self, *args, **kwargs):
         with self._lock:
+            if self._thread != _get_ident():
+                self._enter_thread()
             if self._frees:
                 self._free_dead()
             return method(self, *args, **kwargs)
@@ -86,6 +92,7 @@ class Plan:
     lin: Any = None  # lineage.Lin: how its outputs' values follow from its inputs' (made on first use)
     all_new: bool = False  # the result is a tuple of new tensors, nothing else
     key: Any = None  # the signature it is cached under: the one object every call with it records
+    writes: bool = False  # the op writes one of its arguments in place
 
 
 class Runtime:
@@ -102,7 +109,11 @@ class Runtime:
         self.config, self.link, self.info, self.stats = config, link, server_info, stats
         self.allowed = frozenset(server_info.get("allowed", ()))
         self.streamer = EagerStreamer(link, _handle_of, wait_every_op=config.mode == "rpc")
-        self.replayer: Replayer | None = None
+        self.replayer: Replayer | None = None  # the replayer of the thread inside (self._thread)
+        self._thread = _get_ident()
+        self._replayers: dict[int, Replayer] | None = None  # replay mode: app thread -> its replayer
+        self._replaying: tuple = ()  # every replayer of the session
+        self._several = False  # more than one of them
         self.copies: dict | None = None  # lop: handle -> the robot's CPU copy of what it uploaded
         self.lop = None
         if config.mode in ("lop", "partition"):
@@ -143,6 +154,8 @@ class Runtime:
         lock, frees = self._lock, self._frees
         lock.acquire()
         try:
+            if self._thread != _get_ident():
+                self._enter_thread()
             while frees:
                 self._release(frees.popleft())
             return self._call(func, args, kwargs, first)
@@ -190,6 +203,8 @@ class Runtime:
             return self._materialize(plan.template, tensors, [], self._handles, [])
         if plan.uploads:
             self.stats.uploads += plan.uploads
+        if self._several and self._shared.flying:
+            self._keep_threads_in_order(plan.writes, tensors)
         rep = self.replayer
         if rep is not None and rep.program is not None:
             if plan.server_shapes:
@@ -344,7 +359,8 @@ class Runtime:
             res = func(*margs, **mkwargs)
         except Exception as e:  # noqa: BLE001
             if isinstance(e, NotImplementedError) or "meta" in str(e).lower():
-                return Plan(name, server_shapes=True, uploads=uploads, nkey=name_key(OP, name))  # data decides
+                return Plan(name, server_shapes=True, uploads=uploads, nkey=name_key(OP, name),  # data decides
+                            writes=func._schema.is_mutable)
             raise
         index = {id(m): i for i, m in enumerate(metas)}
         template = _template(res, index, tensors)
@@ -353,7 +369,7 @@ class Runtime:
         if not func._schema.is_mutable and func._schema.returns and (_no_tensors(res) or type(template) is Alias):
             return Plan(name, template=template, local=True)
         return Plan(name, template=template, uploads=uploads, pattern=_pattern(template, []),
-                    nkey=name_key(OP, name),
+                    nkey=name_key(OP, name), writes=func._schema.is_mutable,
                     all_new=type(template) is tuple and all(type(x) is TensorMeta for x in template))
 
     def _wire_name(self, func) -> str:
@@ -459,6 +475,8 @@ class Runtime:
             if self._fresh is not None:
                 self._resume()
             return cpu
+        if self._several and self._shared.flying:
+            self._keep_threads_in_order(False, [t])
         rep, step = self.replayer, None
         key = (GET, t._meta)
         if rep is not None and rep.program is not None:
@@ -498,8 +516,8 @@ class Runtime:
                 return
         if not self.closed and not self.lost:
             self.streamer.free(handle)
-            if self.replayer is not None:
-                self.replayer.note_free(handle)
+            for rep in self._replaying:
+                rep.note_free(handle)
 
     # -- torch.cuda answers --------------------------------------------------------------
 
@@ -569,18 +587,27 @@ class Runtime:
         return reply
 
     def _new_replayer(self, handles_from: int | None) -> None:
-        """A replayer (and lop's band robot) for the current session: recording starts afresh."""
+        """A replayer (and lop's band robot) for the current session: recording starts afresh.
+
+        In replay mode each app thread gets a replayer of its own when it first calls in
+        (``_enter_thread``): two threads running two models (a ROS node's camera and lidar
+        callbacks) interleave their calls, and one replayer saw neither sequence repeat.
+        """
         config = self.config
         if config.mode not in ("replay", "lop", "partition"):
             return
-        more = {} if handles_from is None else {"handles_from": handles_from}
-        if config.ahead:
-            more.update(reply_numbers=lambda n: self.link.reserve(n), forget_replies=lambda qs: self.link.forget(qs))
+        self._shared = Shared() if handles_from is None else Shared(handles_from)
+        self._dropped_pids: list = []  # programs of threads that ended: dropped with the next registration
+        self._overflow: Replayer | None = None  # the replayer threads past MAX_THREAD_REPLAYERS share
         if self.lop is not None:
             self.lop.close()  # the old session's planner stops watching
             self.lop = None
-        self.replayer = Replayer(self.stats, self._register, config.repeats, verbose=config.progress, **more)
+        self.replayer = self._make_replayer()
+        self._replaying, self._several = (self.replayer,), False
+        self._thread = _get_ident()
         self.streamer.pre_source = self.replayer.take_fields
+        if config.mode == "replay":
+            self._replayers = {self._thread: self.replayer}
         if config.mode in ("lop", "partition"):
             from ..lop.planning import LossPlanner, default_speedup
             from ..lop.robot import LopRobot
@@ -595,6 +622,63 @@ class Runtime:
             self.lop = LopRobot(self.copies, self.stats, planner=planner, verbose=config.progress, trial=trial)
             self.replayer.on_diverge = lambda pos: self.lop.diverged(pos, self.replayer, self.streamer)
             self.replayer.expect_drops = False
+
+    def _make_replayer(self) -> Replayer:
+        config, more = self.config, {}
+        if config.ahead:
+            more.update(reply_numbers=lambda n: self.link.reserve(n), forget_replies=lambda qs: self.link.forget(qs))
+        self.stats.replayers += 1
+        return Replayer(self.stats, self._register, config.repeats, verbose=config.progress, shared=self._shared,
+                        **more)
+
+    def _enter_thread(self) -> None:
+        """Another app thread came in (holding the lock): its replayer answers from now on."""
+        ident = self._thread = _get_ident()
+        reps = self._replayers
+        if reps is None:
+            return  # not replay mode, or lop: one replayer (its band robot is one)
+        rep = reps.get(ident)
+        if rep is None:
+            rep = reps[ident] = self._replayer_for_new_thread()
+            self._replaying = tuple({id(r): r for r in reps.values()}.values())
+            self._several = len(self._replaying) > 1
+        self.replayer = rep
+        self.streamer.pre_source = rep.take_fields
+
+    def _replayer_for_new_thread(self) -> Replayer:
+        """The replayer of a thread that ended (an app that starts a thread per request goes on
+        replaying), else a new one; past MAX_THREAD_REPLAYERS, one all further threads share."""
+        reps = self._replayers
+        threading.current_thread()  # (registers a thread started outside Python: it is not taken for ended)
+        alive = {t.ident for t in threading.enumerate()}
+        ended = [reps.pop(i) for i in list(reps) if i not in alive]
+        if ended:
+            kept = {id(r) for r in reps.values()}
+            for old in ended[1:]:
+                if id(old) not in kept and old is not ended[0] and old.program is not None:
+                    self._dropped_pids.append(old.program.pid)  # (with the next registration)
+                    self._shared.flying.discard(old)
+            return ended[0]
+        if len({id(r) for r in reps.values()}) < MAX_THREAD_REPLAYERS:
+            return self._make_replayer()
+        if self._overflow is None:
+            self._overflow = self._make_replayer()
+        return self._overflow
+
+    def _keep_threads_in_order(self, writes: bool, tensors: list) -> None:
+        """Another thread's run ahead did its iteration before its app got there. Before this
+        call touches a tensor of that iteration, or writes one outside its own (a weight, a
+        buffer the threads share), the server takes that run back to where its thread is:
+        what the call reads or writes then happens in the order the app's threads made it."""
+        rep = self.replayer
+        handles = [t._h for t in tensors if type(t) is RemoteTensor]
+        if writes and not (rep is not None and rep.pos and all(rep.in_iteration(h) for h in handles)):
+            others = [r for r in self._shared.flying if r is not rep]
+        else:
+            others = [r for r in self._shared.flying if r is not rep and any(r.in_iteration(h) for h in handles)]
+        for other in others:
+            other.recall_ahead()
+        self.stats.runs_recalled += len(others)
 
     def _probe_link(self, nbytes: int) -> float:
         """Seconds for one round trip carrying ``nbytes`` up (lop measures the link with these)."""
@@ -627,8 +711,10 @@ class Runtime:
     def _register(self, program, drop: int | None) -> bool:
         """Send an adopted program to the server; False (and eager from then on) if it refuses."""
         header, frames = program.spec()
-        if drop is not None:
-            header["drop"] = drop
+        drops = ([] if drop is None else [drop]) + self._dropped_pids
+        if drops:
+            header["drop"] = drops
+            self._dropped_pids = []
         if not self._register_spec(header, frames):
             return False
         if self.lop is not None:

@@ -37,13 +37,32 @@ _STEP_MESSAGES = frozenset(("put", "get", "sync", "op", "free"))  # ("free": lop
 _REPLAY_HANDLES = 2**51  # handle range of replayed iterations (eager: from 1; server-named: 2**52)
 
 
+class Shared:
+    """What the replayers of one session share (one replayer per app thread that calls ops).
+
+    Handles and program numbers are drawn from here, so that no two replayers name the same
+    server tensor or program. Confirmed runs and settlements wait here in the order the app's
+    threads reached them, and every message carries all of them: one thread's ops may read
+    what another's made.
+    """
+
+    def __init__(self, handles_from: int = _REPLAY_HANDLES):
+        self.next_base = handles_from
+        self.pids = 0
+        self.pending: list[list] = []  # runs the server has not been sent yet: [pid, base, a, b, slots]
+        self.run: list | None = None  # the last of them, while an op step may still extend it
+        self.settling: list = []  # replayers whose run ahead is settled, not yet said ('cf')
+        self.flying: set = set()  # replayers whose run ahead the server did and the app has not caught up with
+
+
 class Replayer:
     def __init__(self, stats: Stats, register, repeats: int = 2, verbose: bool = False,
-                 handles_from: int = _REPLAY_HANDLES, reply_numbers=None, forget_replies=None):
+                 shared: Shared | None = None, reply_numbers=None, forget_replies=None):
         """``register(program)`` sends a program to the server; it returns False if refused.
 
-        ``handles_from``: the first handle of replayed iterations (a replayer that takes over
-        after a reconnection starts past its predecessor's, so no handle names two tensors).
+        ``shared``: the handles, program numbers and pending runs this replayer shares with
+        the others of its session (a replayer that takes over after a reconnection starts past
+        its predecessor's handles, so no handle names two tensors).
         ``reply_numbers(n)`` reserves numbers for replies sent unasked and ``forget_replies``
         gives them up (the link's): with them, uploads ask the server to run ahead.
         """
@@ -51,12 +70,10 @@ class Replayer:
         self.log = OpLog()
         self.search = SequenceSearch(repeats)
         self.program: Program | None = None
-        self._pids = 0
+        self.shared = shared if shared is not None else Shared()
         self.pos = 0  # next step; 0: armed, waiting for the first step of an iteration
         self.base = 0
-        self._next_base = handles_from
-        self._pending: list[list] = []  # runs the server has not been sent yet: [pid, base, a, b, slots]
-        self._run: list | None = None
+        self.sent = 0  # messages this replayer's thread sent (take_fields is asked before each)
         self._slots: list = []  # this iteration's (slot, handle) pairs, flat
         self._predicted: dict = {}  # slot -> the handle named for it at the iteration's start
         self._completed = False  # the last iteration was replayed to its end (its handles are base + offset)
@@ -66,7 +83,7 @@ class Replayer:
         self._answers: dict[int, int] = {}  # wait step -> number of the reply the server sends for it
         self._no_ahead = False  # the server stopped short once in this iteration: do not ask again
         self._settle: list | None = None  # 'cf' for the next message: how far the app came
-        self._messages_at_start = 0
+        self._sent_at_start = 0
         self._last = 0
         self.refused: set = set()  # fingerprints of programs the server would not take
         # After a divergence the replayed steps are logged too, so that the sequence the app
@@ -93,7 +110,7 @@ class Replayer:
     @property
     def handles_used(self) -> int:
         """Handles below this one may name this replayer's tensors."""
-        return self._next_base
+        return self.shared.next_base
 
     @property
     def replaying(self) -> bool:
@@ -110,7 +127,7 @@ class Replayer:
         if step.kind != kind or (pattern is not None and step.pattern != pattern) or \
                 (key is not step.key and key != step.key and erase(key) != step.ekey):
             return self._diverge(step)
-        base = self.base if self.pos else self._next_base
+        base = self.base if self.pos else self.shared.next_base
         slots = None
         for t, r in zip(tensors, step.roles):
             h = getattr(t, "_h", None)
@@ -141,10 +158,11 @@ class Replayer:
             pass  # the server ran it ahead
         elif kind == "op":
             if pos >= self.skip_to:
-                run = self._run
-                if run is None or run[3] != pos:
-                    run = self._run = [prog.pid, self.base, pos, pos, []]
-                    self._pending.append(run)
+                shared = self.shared
+                run = shared.run  # (an iteration's base is its own: another thread's run is not this one's)
+                if run is None or run[3] != pos or run[1] != self.base:
+                    run = shared.run = [prog.pid, self.base, pos, pos, []]
+                    shared.pending.append(run)
                 run[3] = pos + 1
                 if slots:
                     run[4] += slots
@@ -196,14 +214,29 @@ class Replayer:
         self._answers.clear()
         self._no_ahead = True
         if stop < self._last:
-            self._pending.append([self.program.pid, self.base, stop, self._last, list(self._slots)])
-            self._run = None
+            self.shared.pending.append([self.program.pid, self.base, stop, self._last, list(self._slots)])
+            self.shared.run = None
+
+    def in_iteration(self, handle: int) -> bool:
+        """Whether ``handle`` names a tensor of this replayer's current (or last) iteration."""
+        return 0 <= handle - self.base < len(self._freed)
+
+    def recall_ahead(self) -> None:
+        """Another thread is about to touch what this iteration's run ahead may have touched
+        before the app reached it (or to write what it read): the server takes back the steps
+        past where this thread is, and the rest of the iteration runs in the app's order."""
+        if self._ahead[1] and self.pos:
+            self._settle_ahead(self.pos)
+            self._no_ahead = True
 
     def _settle_ahead(self, reached: int) -> None:
         """The app came as far as step ``reached``: say so with the next message; replies for
         waits from there on will not be asked for (the one for the wait just matched still is)."""
         if self._ahead[1]:
+            if self._settle is None:
+                self.shared.settling.append(self)
             self._settle = [self.program.pid, self.base, reached, list(self._slots)]
+            self.shared.flying.discard(self)
             held = self._still_held(reached)
             if held:
                 self._settle.append(held)
@@ -222,25 +255,30 @@ class Replayer:
     def add_run(self, pid: int, base: int, a: int, b: int) -> list:
         """Queue a run of steps [a, b) of program ``pid`` (lop: the band program's)."""
         run = [pid, base, a, b, []]
-        self._pending.append(run)
-        self._run = None
+        self.shared.pending.append(run)
+        self.shared.run = None
         return run
 
     def drop_run(self, run: list) -> None:
-        self._pending = [r for r in self._pending if r is not run]
+        self.shared.pending = [r for r in self.shared.pending if r is not run]
 
     def take_fields(self, kind: str) -> dict | None:
         """What rides on the message of type ``kind`` about to leave (the streamer asks before
         every send): the pending runs, the last run ahead's settlement, and the run ahead that
         the step just matched asks for, if this message is that step's."""
+        self.sent += 1
         ask = self._ask is not None and kind in _STEP_MESSAGES
-        if not (self._pending or self._settle or ask):
+        shared = self.shared
+        if not (shared.pending or shared.settling or ask):
             return None
         fields = {}
-        if self._settle is not None:
-            fields["cf"], self._settle = self._settle, None
-        if self._pending:
-            fields["pre"], self._pending, self._run = self._pending, [], None
+        if shared.settling:
+            cf = [r._settle for r in shared.settling]
+            for r in shared.settling:
+                r._settle = None
+            fields["cf"], shared.settling = cf[0] if len(cf) == 1 else cf, []
+        if shared.pending:
+            fields["pre"], shared.pending, shared.run = shared.pending, [], None
         if ask:
             self._ask_ahead(self._ask + 1, fields)
             self._ask = None
@@ -264,6 +302,7 @@ class Replayer:
             return
         numbers = self._reply_numbers(len(waits))
         self._ahead, self._answers = (a, b), dict(zip(waits, numbers))
+        self.shared.flying.add(self)
         fields["ah"] = [self.program.pid, self.base, a, b, list(self._slots)]
         fields["aq"] = numbers
         if not self._drops_said and self.expect_drops:
@@ -272,8 +311,9 @@ class Replayer:
 
     def _begin(self) -> None:
         prev, freed = self.base if self._completed else None, self._freed
-        self.base = self._next_base
-        self._next_base += max(self.program.n_handles, self.reserve, 1)
+        shared = self.shared
+        self.base = shared.next_base
+        shared.next_base += max(self.program.n_handles, self.reserve, 1)
         self._freed = bytearray(self.program.n_handles)
         self._held = len(self._drops) if self._drops else 0
         # Recurrent state: the slots the app filled with the previous iteration's outputs, named
@@ -284,20 +324,19 @@ class Replayer:
         self._slots = [x for n, h in self._predicted.items() for x in (n, h)]
         self._completed = False
         self._no_ahead = False
-        self._messages_at_start = self.stats.messages_sent
+        self._sent_at_start = self.sent
         if len(self.log) and not self.unstable:
             self.log.clear()  # replayed iterations are not logged: the log must stay contiguous
 
     def _end(self) -> None:
         self.pos = 0
-        self._run = None
         self.skip_to = 0
         self._completed = True
         self.stats.replayed_inferences += 1
         # the last step, if it is not a deferred op or answered ahead, is a message about to leave
         last = len(self.program.steps) - 1
         last_sends = self.program.steps[-1].kind != "op" and not self._ahead[0] <= last < self._ahead[1]
-        self.stats.replay_messages += self.stats.messages_sent - self._messages_at_start + last_sends
+        self.stats.replay_messages += self.sent - self._sent_at_start + last_sends
         self._settle_ahead(last + 1)
         if self.expect_drops and (self._drops is None or self._held):
             held = self._still_held(last + 1)
@@ -333,7 +372,6 @@ class Replayer:
                 self.on_diverge(self.pos)
             self.skip_to = 0
             self.pos = 0
-            self._run = None
             if not self.unstable:
                 self.unstable = True
                 self.log.clear()  # recording restarts here
@@ -357,8 +395,8 @@ class Replayer:
             return  # the armed program again (after a divergence): keep it
         if fp in self.refused:
             return
-        self._pids += 1
-        prog.pid = self._pids
+        self.shared.pids += 1
+        prog.pid = self.shared.pids
         old = self.program
         if not self._register(prog, old.pid if old is not None else None):
             self.refused.add(fp)
@@ -373,7 +411,6 @@ class Replayer:
         self._drops, self._drops_said, self._freed, self._held = None, True, bytearray(), 0
         self._completed = False
         self.pos = 0
-        self._run = None
         self.unstable = False
         self.log.clear()
         s = self.stats

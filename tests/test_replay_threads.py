@@ -1,0 +1,223 @@
+"""Replay in an app that runs its models from several threads (a ROS node's callbacks).
+
+Each app thread gets a replayer of its own; the server keeps a run ahead per program. The
+outputs are compared with local ones (same kernels: bit-equal), and the stats must show
+that replay engaged, so a thread that fell back to eager would fail.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+
+import torch
+from torch import nn
+
+import rrto
+
+from .test_replay import TinyNet, assert_same, frames_of
+
+
+class Pooler(nn.Module):
+    """A second, different model: another op sequence than TinyNet's."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = nn.Conv2d(3, 6, 5, stride=2, padding=2)
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        y = torch.nn.functional.adaptive_max_pool2d(torch.sigmoid(self.conv(x)), 4)
+        return self.fc(y.flatten(1)).softmax(-1)
+
+
+def run_threads(workers: list, switch: float | None = None) -> list:
+    """Start a thread per worker, join them all; the errors they raised."""
+    errors: list = []
+
+    def guarded(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            errors.append(e)
+    old = sys.getswitchinterval()
+    if switch is not None:
+        sys.setswitchinterval(switch)
+    try:
+        threads = [threading.Thread(target=guarded, args=(w,)) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "a worker thread hung"
+    finally:
+        sys.setswitchinterval(old)
+    return errors
+
+
+def test_two_threads_running_two_models_both_replay(server):
+    """A camera callback and a second sensor's callback, each with its own model, their calls
+    interleaved: with one replayer for both, neither sequence repeated and both ran eagerly."""
+    nets = [TinyNet().eval(), Pooler().eval()]
+    frames = [frames_of(16, 30, seed=3), frames_of(16, 30, seed=4)]
+    with torch.no_grad():
+        expected = [[nets[0].head(nets[0](x)) for x in frames[0]], [nets[1](x) for x in frames[1]]]
+    results: list = [[], []]
+
+    def worker(k):
+        def run():
+            with torch.no_grad():
+                for x in frames[k]:
+                    y = nets[k](x.cuda())
+                    results[k].append((nets[k].head(y) if k == 0 else y).cpu())
+        return run
+
+    rrto.enable(server=server.url, mode="replay", timeout=20)
+    try:
+        for net in nets:
+            net.cuda()
+        errors = run_threads([worker(0), worker(1)], switch=1e-5)
+        s = rrto.current().stats.snapshot()
+    finally:
+        rrto.disable()
+    assert not errors, errors
+    for k in range(2):
+        assert_same(expected[k], results[k])
+    assert s["replayed_inferences"] >= 2 * 24, s  # each thread: recorded by its 5th frame
+    assert s["messages_per_replayed_inference"] <= 1.2, s
+
+
+def test_a_write_from_another_thread_reaches_a_frame_the_server_ran_ahead(server):
+    """Thread A's frame waits half-way for thread B, which changes a tensor A reads next.
+    The server ran A's frame ahead at its upload, with the old value; B's write takes that
+    run back to where A is, and A's rest runs after the write, as the app ordered it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh()).eval()
+    xs = [torch.randn(1, 16 // 2) for _ in range(16)]
+    mid = [threading.Event() for _ in xs]
+    go = [threading.Event() for _ in xs]
+
+    def frame_a(dev, gain):
+        out = []
+        with torch.no_grad():
+            for i, x in enumerate(xs):
+                f = net(x.to(dev))
+                mid[i].set()
+                go[i].wait(30)
+                out.append((f * gain).sum(1).cpu())
+        return out
+
+    def frame_b(gain):
+        for i in range(len(xs)):
+            mid[i].wait(30)
+            gain.add_(1.0)  # in place, on the device: B's call, between A's two halves
+            go[i].set()
+
+    gain = torch.linspace(0.5, 2.0, 16)
+    out_local: list = []
+    errors = run_threads([lambda: out_local.extend(frame_a("cpu", gain)), lambda: frame_b(gain)])
+    assert not errors, errors
+    for e in mid + go:
+        e.clear()
+
+    rrto.enable(server=server.url, mode="replay", timeout=20)
+    try:
+        net.cuda()
+        gain = torch.linspace(0.5, 2.0, 16).cuda()
+        out_remote: list = []
+        errors = run_threads([lambda: out_remote.extend(frame_a("cuda", gain)), lambda: frame_b(gain)])
+        s = rrto.current().stats.snapshot()
+    finally:
+        rrto.disable()
+    assert not errors, errors
+    assert_same(out_local, out_remote)
+    assert s["replayed_inferences"] >= 10, s
+    assert s["runs_recalled"] >= 10, s
+
+
+def test_a_thread_per_request_goes_on_replaying(server):
+    """An app that starts a thread for each request: a new thread takes over the replayer of
+    one that ended, so replay goes on from the first thread's recording."""
+    net = TinyNet().eval()
+    xs = frames_of(16, 40, seed=6)
+    with torch.no_grad():
+        expected = [net.head(net(x)) for x in xs]
+    results: list = []
+
+    def request(batch):
+        def run():
+            with torch.no_grad():
+                for x in batch:
+                    results.append(net.head(net(x.cuda())).cpu())
+        return run
+
+    rrto.enable(server=server.url, mode="replay", timeout=20)
+    try:
+        net.cuda()
+        for r in range(10):  # one after another, 4 frames each
+            assert not run_threads([request(xs[4 * r:4 * r + 4])])
+        s = rrto.current().stats.snapshot()
+    finally:
+        rrto.disable()
+    assert_same(expected, results)
+    assert s["replayed_inferences"] >= 40 - 4, s
+    assert s["replayers"] <= 2, s  # the enabling thread's, and the one the requests pass on
+
+
+def test_more_threads_than_replayers_share_one_and_stay_correct(server):
+    """Twelve threads at once, past the eight with a replayer of their own: the rest share
+    one (mostly eager, their calls interleave); every output is still its thread's own."""
+    net = TinyNet().eval()
+    frames = [frames_of(16, 10, seed=20 + k) for k in range(12)]
+    with torch.no_grad():
+        expected = [[net.head(net(x)) for x in xs] for xs in frames]
+    results: list = [[] for _ in frames]
+
+    def worker(k):
+        def run():
+            with torch.no_grad():
+                for x in frames[k]:
+                    results[k].append(net.head(net(x.cuda())).cpu())
+        return run
+
+    rrto.enable(server=server.url, mode="replay", timeout=20)
+    try:
+        net.cuda()
+        errors = run_threads([worker(k) for k in range(len(frames))], switch=1e-5)
+        s = rrto.current().stats.snapshot()
+    finally:
+        rrto.disable()
+    assert not errors, errors
+    for k in range(len(frames)):
+        assert_same(expected[k], results[k])
+    assert s["replayers"] <= 9, s  # the enabling thread's, at most 7 more of their own, one shared
+    assert s["replayed_inferences"] >= 7 * 6, s
+
+
+def test_threads_running_one_model_at_once_each_get_their_own_answers(server):
+    """Callbacks in three threads run the same model. Their calls interleave at every bytecode
+    here (switch interval 1 us); each thread's outputs must be its own, and each replays."""
+    net = TinyNet().eval()
+    frames = [frames_of(16, 30, seed=10 + k) for k in range(3)]
+    with torch.no_grad():
+        expected = [[net.head(net(x)) for x in xs] for xs in frames]
+    results: list = [[] for _ in frames]
+
+    def worker(k):
+        def run():
+            with torch.no_grad():
+                for x in frames[k]:
+                    results[k].append(net.head(net(x.cuda())).cpu())
+        return run
+
+    rrto.enable(server=server.url, mode="replay", timeout=20)
+    try:
+        net.cuda()
+        errors = run_threads([worker(k) for k in range(len(frames))], switch=1e-6)
+        s = rrto.current().stats.snapshot()
+    finally:
+        rrto.disable()
+    assert not errors, errors
+    for k in range(len(frames)):
+        assert_same(expected[k], results[k])
+    assert s["replayed_inferences"] >= 3 * 24, s
