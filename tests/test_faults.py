@@ -111,6 +111,30 @@ def test_kill_and_restart_the_server(tmp_path):
     assert robot.seen[12] - killed < FAULT_TIMEOUT + 4 * 0.15 + 3
 
 
+def test_kill_and_restart_under_two_threads():
+    """Two threads run the net at once, each replaying its own frames, when the server dies.
+    Both go on here (one lock, one lineage), both offload and replay again afterwards."""
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    server = ServerProcess("--listen", url)
+    n = 40
+    robot = Robot(url, str(n), "--threads", "2", "--pause", "0.1")
+    try:
+        robot.wait_iter(8)
+        server.proc.send_signal(signal.SIGKILL)
+        server.stop()
+        server = ServerProcess("--listen", url)
+        res, err = robot.result()
+    finally:
+        robot.proc.kill()
+        server.stop()
+    check_recovered(res, err, n)
+    assert res["checked"] == 2 * (n + 1), res["checked"]
+    assert res["stats"]["faults"] == 1 and res["stats"]["reconnects"] == 1, res["stats"]
+    # before the kill and after the reconnection, both threads replayed (a replayer each)
+    assert res["stats"]["replayers"] >= 2 + 2 and res["stats"]["replayed_inferences"] >= 2 * 12, res["stats"]
+
+
 def test_recurrent_state_survives_a_kill():
     """State kept on the device across frames (written in place, through views) comes through right.
 

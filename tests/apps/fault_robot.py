@@ -5,11 +5,15 @@ or blocks the server on those cues), then one JSON line: how many outputs differ
 the same computation on this machine's CPU, each frame's wall time, and rrto's counters
 at each frame (so the test sees offloading stop and start again).
 
-    fault_robot.py N [--recurrent] [--pause S]
+    fault_robot.py N [--recurrent] [--pause S] [--threads K]
+
+``--threads K``: K threads run the loop at once on the same net, each over its own frames
+(a ROS node's callbacks); thread 0 prints the cues.
 """
 import argparse
 import copy
 import json
+import threading
 import time
 
 import torch
@@ -76,6 +80,7 @@ def main():
     p.add_argument("n", type=int)
     p.add_argument("--recurrent", action="store_true")
     p.add_argument("--pause", type=float, default=0.0)
+    p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.manual_seed(0)
     net, cell = Net().eval(), Cell().eval()
@@ -86,12 +91,27 @@ def main():
     frames = [torch.rand(1, 3, 24, 24, generator=g) for _ in range(a.n)]
     ref_net, ref_cell = copy.deepcopy(net), copy.deepcopy(cell)  # the app's CPU copy, for the reference
     log: list = []
-    outs, walls = run(a.n, a.recurrent, a.pause, frames, net.cuda(), cell.cuda(), "cuda", log)
-    expected, _ = run(a.n, a.recurrent, 0.0, frames, ref_net, ref_cell, "cpu", None)
-    diff = [float((o - e).abs().max()) for o, e in zip(outs, expected)]
+    net, cell = net.cuda(), cell.cuda()
+    streams = [frames[k:] + frames[:k] for k in range(a.threads)]  # each thread's own order
+    ran: list = [None] * a.threads
+
+    def loop(k):
+        ran[k] = run(a.n, a.recurrent, a.pause, streams[k], net, cell, "cuda", log if k == 0 else None)
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(1, a.threads)]
+    for t in threads:
+        t.start()
+    loop(0)
+    for t in threads:
+        t.join()
+    outs, walls = ran[0]
+    diff = []
+    for k in range(a.threads):
+        expected, _ = run(a.n, a.recurrent, 0.0, streams[k], ref_net, ref_cell, "cpu", None)
+        diff += [float((o - e).abs().max()) for o, e in zip(ran[k][0], expected)]
     s = rrto.current().stats
-    stats = {k: getattr(s, k) for k in ("faults", "reconnects", "local_ops", "weights_adopted", "lineage_cuts")}
-    print(json.dumps({"n": len(outs), "wrong": sum(d > 1e-5 for d in diff), "max_diff": max(diff),
+    stats = {k: getattr(s, k) for k in ("faults", "reconnects", "local_ops", "weights_adopted", "lineage_cuts",
+                                        "replayed_inferences", "replayers")}
+    print(json.dumps({"n": len(outs), "checked": len(diff), "wrong": sum(d > 1e-5 for d in diff), "max_diff": max(diff),
                       "walls": walls, "log": log, "stats": stats}), flush=True)
 
 
