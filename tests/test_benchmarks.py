@@ -189,3 +189,19 @@ def test_quick_benchmark_writes_sane_results(tmp_path):
         assert ns not in left, "the harness left a network namespace behind"
     if results["robot"].get("cgroup"):
         assert not os.path.exists(results["robot"]["cgroup"]), "the harness left its cgroup behind"
+
+
+def test_threads_benchmark_runs_two_models_at_once(tmp_path):
+    """``python -m benchmarks.threads`` end to end: both models replay in their threads at once."""
+    out = tmp_path / "threads.json"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.threads", "--models", "mobilenet_v2:32,keypoint:32x64",
+                          "--frames", "3", "--warmup", "5", "--repeats", "1", "--rtt-ms", "0", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    runs = {(r["mode"], r["together"]): r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {(m, t) for m in ("replay", "eager") for t in (False, True)}
+    for r in runs.values():
+        assert r["frames"] == 16 and len(r["median_ms"]) == 2 and all(ms > 0 for ms in r["median_ms"]), r
+    assert runs["eager", True]["replayed"] == 0
+    assert runs["replay", True]["replayed"] >= 2 * 3, runs["replay", True]  # each thread's measured frames
+    assert runs["replay", True]["messages_per_frame"] < runs["eager", True]["messages_per_frame"] / 3
