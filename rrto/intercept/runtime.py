@@ -112,8 +112,8 @@ class Runtime:
         self.replayer: Replayer | None = None  # the replayer of the thread inside (self._thread)
         self._thread = _get_ident()
         self._replayers: dict[int, Replayer] | None = None  # replay mode: app thread -> its replayer
-        self._replaying: tuple = ()  # every replayer of the session
-        self._several = False  # more than one of them
+        self._replaying: tuple = ()  # the replayers that registered a program (they follow frees)
+        self._several = False  # more than one thread has a replayer: their calls are kept in order
         self.copies: dict | None = None  # lop: handle -> the robot's CPU copy of what it uploaded
         self.lop = None
         if config.mode in ("lop", "partition"):
@@ -203,9 +203,11 @@ class Runtime:
             return self._materialize(plan.template, tensors, [], self._handles, [])
         if plan.uploads:
             self.stats.uploads += plan.uploads
-        if self._several and self._shared.flying:
-            self._keep_threads_in_order(plan.writes, tensors)
         rep = self.replayer
+        if self._several:
+            flying = self._shared.flying
+            if flying and (len(flying) > 1 or rep not in flying):
+                self._keep_threads_in_order(plan.writes, tensors)
         if rep is not None and rep.program is not None:
             if plan.server_shapes:
                 step = rep.match("shaped", key, tensors, None)
@@ -475,9 +477,9 @@ class Runtime:
             if self._fresh is not None:
                 self._resume()
             return cpu
+        rep, step = self.replayer, None
         if self._several and self._shared.flying:
             self._keep_threads_in_order(False, [t])
-        rep, step = self.replayer, None
         key = (GET, t._meta)
         if rep is not None and rep.program is not None:
             step = rep.match(GET, key, [t])
@@ -603,7 +605,7 @@ class Runtime:
             self.lop.close()  # the old session's planner stops watching
             self.lop = None
         self.replayer = self._make_replayer()
-        self._replaying, self._several = (self.replayer,), False
+        self._replaying, self._several = (), False
         self._thread = _get_ident()
         self.streamer.pre_source = self.replayer.take_fields
         if config.mode == "replay":
@@ -640,8 +642,7 @@ class Runtime:
         rep = reps.get(ident)
         if rep is None:
             rep = reps[ident] = self._replayer_for_new_thread()
-            self._replaying = tuple({id(r): r for r in reps.values()}.values())
-            self._several = len(self._replaying) > 1
+            self._several = len({id(r) for r in reps.values()}) > 1
         self.replayer = rep
         self.streamer.pre_source = rep.take_fields
 
@@ -658,6 +659,7 @@ class Runtime:
                 if id(old) not in kept and old is not ended[0] and old.program is not None:
                     self._dropped_pids.append(old.program.pid)  # (with the next registration)
                     self._shared.flying.discard(old)
+                    self._replaying = tuple(r for r in self._replaying if r is not old)
             return ended[0]
         if len({id(r) for r in reps.values()}) < MAX_THREAD_REPLAYERS:
             return self._make_replayer()
@@ -717,6 +719,8 @@ class Runtime:
             self._dropped_pids = []
         if not self._register_spec(header, frames):
             return False
+        if self.replayer not in self._replaying:  # (the registering thread's)
+            self._replaying += (self.replayer,)
         if self.lop is not None:
             self.replayer.reserve = self.lop.adopt(program, self._register_spec)
         return True
