@@ -86,13 +86,12 @@ def check_recovered(res: dict, err: str, n: int, replay: bool = True) -> None:
         assert after[-1]["replayed"] > after[0]["replayed"], "replay did not engage again"
 
 
-def test_kill_and_restart_the_server(tmp_path):
-    """kill -9 mid-loop: 50 outputs equal local; restarted on the same port: offloading resumes."""
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
+def run_through_a_kill(n: int, *args: str, mode: str = "replay") -> tuple[Robot, dict, str, float]:
+    """The app over ``n`` frames; at frame 8 the server is killed (-9) and restarted on the
+    same port. Returns the robot, its result, its messages and when the kill was."""
+    url = f"tcp://127.0.0.1:{free_port()}"
     server = ServerProcess("--listen", url)
-    n = 50
-    robot = Robot(url, str(n), "--pause", "0.15")
+    robot = Robot(url, str(n), *args, mode=mode)
     try:
         robot.wait_iter(8)
         killed = time.monotonic()
@@ -103,6 +102,13 @@ def test_kill_and_restart_the_server(tmp_path):
     finally:
         robot.proc.kill()
         server.stop()
+    return robot, res, err, killed
+
+
+def test_kill_and_restart_the_server():
+    """kill -9 mid-loop: 50 outputs equal local; restarted on the same port: offloading resumes."""
+    n = 50
+    robot, res, err, killed = run_through_a_kill(n, "--pause", "0.15")
     check_recovered(res, err, n)
     assert res["stats"]["faults"] == 1 and res["stats"]["reconnects"] == 1, res["stats"]
     assert res["stats"]["weights_adopted"] == 0  # a fresh server has an empty cache: the bytes went again
@@ -114,20 +120,8 @@ def test_kill_and_restart_the_server(tmp_path):
 def test_kill_and_restart_under_two_threads():
     """Two threads run the net at once, each replaying its own frames, when the server dies.
     Both go on here (one lock, one lineage), both offload and replay again afterwards."""
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    server = ServerProcess("--listen", url)
     n = 40
-    robot = Robot(url, str(n), "--threads", "2", "--pause", "0.1")
-    try:
-        robot.wait_iter(8)
-        server.proc.send_signal(signal.SIGKILL)
-        server.stop()
-        server = ServerProcess("--listen", url)
-        res, err = robot.result()
-    finally:
-        robot.proc.kill()
-        server.stop()
+    _, res, err, _ = run_through_a_kill(n, "--threads", "2", "--pause", "0.1")
     check_recovered(res, err, n)
     assert res["checked"] == 2 * (n + 1), res["checked"]
     assert res["stats"]["faults"] == 1 and res["stats"]["reconnects"] == 1, res["stats"]
@@ -141,20 +135,8 @@ def test_recurrent_state_survives_a_kill():
     In eager mode (the kill test above runs replay): the ops streamed to the dead server
     before the loss was noticed are recomputed here from their recipes.
     """
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    server = ServerProcess("--listen", url)
     n = 40
-    robot = Robot(url, str(n), "--recurrent", "--pause", "0.15", mode="eager")
-    try:
-        robot.wait_iter(8)
-        server.proc.send_signal(signal.SIGKILL)
-        server.stop()
-        server = ServerProcess("--listen", url)
-        res, err = robot.result()
-    finally:
-        robot.proc.kill()
-        server.stop()
+    _, res, err, _ = run_through_a_kill(n, "--recurrent", "--pause", "0.15", mode="eager")
     check_recovered(res, err, n, replay=False)
 
 

@@ -164,32 +164,39 @@ def test_a_thread_per_request_goes_on_replaying(server):
     assert s["replayers"] <= 2, s  # the enabling thread's, and the one the requests pass on
 
 
-def test_more_threads_than_replayers_share_one_and_stay_correct(server):
-    """Twelve threads at once, past the eight with a replayer of their own: the rest share
-    one (mostly eager, their calls interleave); every output is still its thread's own."""
+def one_model_in_threads(server, threads: int, frames: int, switch: float) -> dict:
+    """TinyNet run by ``threads`` threads at once over frames of their own; every output
+    must equal the local one. Returns the stats."""
     net = TinyNet().eval()
-    frames = [frames_of(16, 10, seed=20 + k) for k in range(12)]
+    inputs = [frames_of(16, frames, seed=10 + k) for k in range(threads)]
     with torch.no_grad():
-        expected = [[net.head(net(x)) for x in xs] for xs in frames]
-    results: list = [[] for _ in frames]
+        expected = [[net.head(net(x)) for x in xs] for xs in inputs]
+    results: list = [[] for _ in inputs]
 
     def worker(k):
         def run():
             with torch.no_grad():
-                for x in frames[k]:
+                for x in inputs[k]:
                     results[k].append(net.head(net(x.cuda())).cpu())
         return run
 
     rrto.enable(server=server.url, mode="replay", timeout=20)
     try:
         net.cuda()
-        errors = run_threads([worker(k) for k in range(len(frames))], switch=1e-5)
+        errors = run_threads([worker(k) for k in range(threads)], switch=switch)
         s = rrto.current().stats.snapshot()
     finally:
         rrto.disable()
     assert not errors, errors
-    for k in range(len(frames)):
+    for k in range(threads):
         assert_same(expected[k], results[k])
+    return s
+
+
+def test_more_threads_than_replayers_share_one_and_stay_correct(server):
+    """Twelve threads at once, past the eight with a replayer of their own: the rest share
+    one (mostly eager, their calls interleave); every output is still its thread's own."""
+    s = one_model_in_threads(server, 12, 10, switch=1e-5)
     assert s["replayers"] <= 9, s  # the enabling thread's, at most 7 more of their own, one shared
     assert s["replayed_inferences"] >= 7 * 6, s
 
@@ -197,27 +204,5 @@ def test_more_threads_than_replayers_share_one_and_stay_correct(server):
 def test_threads_running_one_model_at_once_each_get_their_own_answers(server):
     """Callbacks in three threads run the same model. Their calls interleave at every bytecode
     here (switch interval 1 us); each thread's outputs must be its own, and each replays."""
-    net = TinyNet().eval()
-    frames = [frames_of(16, 30, seed=10 + k) for k in range(3)]
-    with torch.no_grad():
-        expected = [[net.head(net(x)) for x in xs] for xs in frames]
-    results: list = [[] for _ in frames]
-
-    def worker(k):
-        def run():
-            with torch.no_grad():
-                for x in frames[k]:
-                    results[k].append(net.head(net(x.cuda())).cpu())
-        return run
-
-    rrto.enable(server=server.url, mode="replay", timeout=20)
-    try:
-        net.cuda()
-        errors = run_threads([worker(k) for k in range(len(frames))], switch=1e-6)
-        s = rrto.current().stats.snapshot()
-    finally:
-        rrto.disable()
-    assert not errors, errors
-    for k in range(len(frames)):
-        assert_same(expected[k], results[k])
+    s = one_model_in_threads(server, 3, 30, switch=1e-6)
     assert s["replayed_inferences"] >= 3 * 24, s
