@@ -305,6 +305,25 @@ def test_settling_short_of_a_run_ahead_undoes_what_ran_past(raw):
     assert r["t"] == "err" and "not one of this session's tensors" in r["msg"]
 
 
+def test_runs_ahead_of_two_programs_are_settled_each_on_its_own(raw):
+    """Two app threads, a program each: the second's run ahead does not end the first's. One
+    message settles both ('cf' a list); the first, short of its end, is undone past the turn."""
+    g = torch.Generator().manual_seed(0)
+    w, x1, x2 = torch.randn(5, 3, generator=g), torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    put(raw, 7, w)
+    assert register(raw, AHEAD).get("t") != "err"
+    assert register(raw, {**AHEAD, "p": 5}).get("t") != "err"
+    put_ahead(raw, BASE, x1, [4, BASE, 1, 7, []], [600, 601])
+    put_ahead(raw, BASE + 1000, x2, [5, BASE + 1000, 1, 7, []], [602, 603])
+    assert [r["q"] for r, _ in answers(raw, 4)] == [600, 601, 602, 603]
+    settled = raw.request({"t": "sync", "cf": [[4, BASE, 3, []], [5, BASE + 1000, 7, []]]})
+    assert settled.get("t") != "err", settled
+    old = torch.nn.functional.linear(x1, w) + 1
+    assert torch.equal(get(raw, BASE + 2), old) and (old < 0).any()  # program 4's relu_ undone
+    assert raw.request({"t": "get", "h": BASE + 3})["t"] == "err"  # what it made past the turn is gone
+    assert torch.equal(get(raw, BASE + 1000 + 3), -torch.relu(torch.nn.functional.linear(x2, w) + 1))
+
+
 def test_a_run_ahead_stops_before_writing_a_tensor_older_than_the_iteration(raw):
     w = torch.randn(5, 3)
     put(raw, 7, w)
