@@ -11,9 +11,15 @@ never queued behind the session's work) and raises ``LinkLost`` after
 ``fault_timeout`` seconds without any message from the server. Pings travel on a
 connection of their own: on the request socket they would queue behind the app's
 uploads (the weights take seconds on robot Wi-Fi), and a busy link is not a dead one.
+
+Several app threads may wait at once (the runtime lets the others go on meanwhile). zmq
+sockets are not thread-safe, so one thread at a time holds the right to use them: a
+waiting thread takes it to poll, and hands on what it reads to the others' reply numbers;
+a thread that wants to send wakes the poller through a pipe and takes its turn.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -53,10 +59,19 @@ class Link:
         self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         self._sock.connect(url)
         self._pinger.connect(url)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._pinger, zmq.POLLIN)
-        self._lock = threading.RLock()
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._turn = threading.Condition(threading.Lock())  # guards what follows, and the sockets' owner
+        self._using = False  # a thread uses the sockets (sends, or polls for replies)
+        self._polling = False  # ... and it is the poller: a sender wakes it
+        self._senders = 0  # threads waiting for their turn to send
+        self._heard = 0.0  # monotonic() when the server last said anything
+        self._pinged = 0.0
         self._seq = 0
         self._expected: set[int] = set()  # reply numbers reserved for replies the server sends unasked
         self._early: dict[int, tuple] = {}  # such replies, arrived before the robot asked for them
@@ -128,11 +143,20 @@ class Link:
         """Time the next message sent and the server's next reply (see ``transfers``)."""
         self._clock_next = True
 
-    def send(self, header: dict, frames: list = (), wait_sent: bool = False) -> None:
-        """Send without waiting for a reply; ``wait_sent`` blocks until zmq let go of the frames."""
-        with self._lock:
+    def send(self, header: dict, frames: list = (), wait_sent: bool = False, numbered: bool = False) -> int | None:
+        """Send without waiting for a reply; ``wait_sent`` blocks until zmq let go of the frames.
+        ``numbered``: a request; returns the number its reply will carry (see ``await_reply``)."""
+        self._take()
+        trackers = []
+        try:
+            seq = None
+            if numbered:
+                with self._turn:
+                    self._seq += 1
+                    seq = header["q"] = self._seq
+                    self._expected.add(seq)
+                self.stats.round_trips += 1
             head, *rest = self._pack(header, frames)
-            trackers = []
             try:
                 # The header is small: copying it is cheaper than a zero-copy zmq.Frame. Tensor
                 # bytes go zero-copy; a tracker says when zmq no longer reads the app's memory.
@@ -144,25 +168,28 @@ class Link:
                         trackers.append(tracker)
             except zmq.Again:
                 raise LinkError(f"could not queue a message to {self.url} within {self.timeout:g} s") from None
-            try:
-                for tracker in trackers:
-                    tracker.wait(self.timeout)
-            except zmq.NotDone:
-                raise LinkError(f"an upload to {self.url} did not leave within {self.timeout:g} s; "
-                                "is the link down?") from None
+        finally:
+            self._give()
+        try:
+            for tracker in trackers:
+                tracker.wait(self.timeout)
+        except zmq.NotDone:
+            raise LinkError(f"an upload to {self.url} did not leave within {self.timeout:g} s; "
+                            "is the link down?") from None
+        return seq
 
-    def request(self, header: dict, frames: list = (), what: str = "a reply") -> tuple[dict, list]:
-        """Send and wait for the matching reply; error replies raise their exception."""
-        with self._lock:
-            self._seq += 1
-            seq = header["q"] = self._seq
-            self.send(header, frames)
-            self.stats.round_trips += 1
+    def request(self, header: dict, frames: list = (), what: str = "a reply", aside=None) -> tuple[dict, list]:
+        """Send and wait for the matching reply; error replies raise their exception.
+        ``aside``: a context manager held while waiting (the runtime lets other threads in)."""
+        seq = self.send(header, frames, numbered=True)
+        if aside is None:
+            return self.await_reply(seq, what)
+        with aside:
             return self.await_reply(seq, what)
 
     def reserve(self, n: int) -> list[int]:
         """Numbers for ``n`` replies the server will send unasked (a run ahead's answers to later waits)."""
-        with self._lock:
+        with self._turn:
             seqs = list(range(self._seq + 1, self._seq + 1 + n))
             self._seq += n
             self._expected.update(seqs)
@@ -170,7 +197,7 @@ class Link:
 
     def forget(self, seqs) -> None:
         """Replies no longer wanted (the app turned away): dropped when they come."""
-        with self._lock:
+        with self._turn:
             for q in seqs:
                 self._expected.discard(q)
                 self._early.pop(q, None)
@@ -181,56 +208,128 @@ class Link:
             self._ping, self._ping_session = codec.pack({"t": "ping", "s": self.session}), self.session
         return self._ping
 
+    # -- whose turn it is to use the sockets -------------------------------------------
+
+    def _take(self) -> None:
+        """The right to use the sockets, for a send: a thread polling them is woken to let go."""
+        turn = self._turn
+        with turn:
+            if self._using:
+                self._senders += 1
+                try:
+                    while self._using:
+                        if self.closed:
+                            raise LinkError("this rrto connection is closed")
+                        if self._polling:
+                            self._wake()
+                        turn.wait()
+                finally:
+                    self._senders -= 1
+            self._using = True
+
+    def _give(self) -> None:
+        with self._turn:
+            self._using = self._polling = False
+            self._turn.notify_all()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"w")
+        except BlockingIOError:  # (full: the poller has a wake-up waiting anyway)
+            pass
+
+    # -- replies ------------------------------------------------------------------------
+
     def await_reply(self, seq: int, what: str = "a reply") -> tuple[dict, list]:
-        """The reply numbered ``seq``; replies reserved for later are kept until asked for."""
-        with self._lock:
+        """The reply numbered ``seq``; replies numbered for other waits are kept until asked for.
+
+        Whoever waits polls the sockets while no one else does; the others wait for it to
+        hand on their replies (or to let go, when one of them polls next)."""
+        turn = self._turn
+        start = time.monotonic()
+        every = self.fault_timeout / 4  # four pings per fault timeout
+        while True:
+            with turn:
+                while True:
+                    early = self._early.pop(seq, None)
+                    if early is not None:
+                        self._expected.discard(seq)
+                        self.replied_at = time.perf_counter()
+                        return _checked(*early)
+                    if self.closed:
+                        self._expected.discard(seq)
+                        raise LinkError(f"this rrto connection closed while waiting for {what}")
+                    self._expected.add(seq)
+                    if not self._using and not self._senders:
+                        self._using = self._polling = True
+                        break
+                    turn.wait(every)
+                    self._check_time(seq, start, what)
+            try:
+                self._poll(every, start, what)
+            except LinkError:
+                with turn:
+                    self._expected.discard(seq)
+                raise
+            finally:
+                self._give()
+            with turn:
+                self._check_time(seq, start, what)
+
+    def _check_time(self, seq: int, start: float, what: str) -> None:
+        """(holding the turn) Raise if the wait for ``seq`` has gone on too long."""
+        if seq in self._early:
+            return
+        now = time.monotonic()
+        if now - max(start, self._heard) > self.fault_timeout:
             self._expected.discard(seq)
-            early = self._early.pop(seq, None)
-            if early is not None:
-                self.replied_at = time.perf_counter()
-                return _checked(*early)
-            start = heard = time.monotonic()
-            every = int(self.fault_timeout * 250) + 1  # ms: four pings per fault timeout
-            while True:
-                waited = not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN  # else the next message came earlier
-                ready = dict(self._poller.poll(every))
-                if self._pinger in ready:  # pongs: the server is alive, the link carries packets
-                    heard = time.monotonic()
-                    while self._pinger.poll(0):
-                        if b"gone" in self._pinger.recv_multipart()[0]:
-                            raise LinkLost(f"it no longer holds this robot's session (restarted, or closed it) "
-                                           f"(waiting for {what})")
-                if self._sock not in ready:
-                    now = time.monotonic()
-                    if now - heard > self.fault_timeout:
-                        raise LinkLost(f"no sign of life from it for {now - heard:.1f} s "
-                                       f"(waiting for {what})")
-                    if now - start > self.timeout:
-                        raise LinkError(
-                            f"no reply from rrto-server at {self.url} within {self.timeout:g} s "
-                            f"(waiting for {what}); it still answers pings, so an op is taking that long. "
-                            "Set RRTO_TIMEOUT (seconds) to wait longer.")
-                    if self._pinger not in ready:
-                        try:
-                            self._pinger.send_multipart(self._ping_message(), zmq.NOBLOCK)
-                        except zmq.Again:  # not connected (yet): no sign of life either
-                            pass
-                    continue
-                heard = time.monotonic()
-                msg = self._sock.recv_multipart(copy=False)
+            raise LinkLost(f"no sign of life from it for {now - max(start, self._heard):.1f} s (waiting for {what})")
+        if now - start > self.timeout:
+            self._expected.discard(seq)
+            raise LinkError(
+                f"no reply from rrto-server at {self.url} within {self.timeout:g} s "
+                f"(waiting for {what}); it still answers pings, so an op is taking that long. "
+                "Set RRTO_TIMEOUT (seconds) to wait longer.")
+
+    def _poll(self, every: float, start: float, what: str) -> None:
+        """(holding the sockets) Wait up to ``every`` s for messages; file the replies that came."""
+        sock = self._sock
+        waited = not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN  # else the next message came earlier
+        ready = dict(self._poller.poll(int(every * 1000) + 1))
+        now = time.monotonic()
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        if self._pinger in ready:  # pongs: the server is alive, the link carries packets
+            self._heard = now
+            while self._pinger.poll(0):
+                if b"gone" in self._pinger.recv_multipart()[0]:
+                    raise LinkLost(f"it no longer holds this robot's session (restarted, or closed it) "
+                                   f"(waiting for {what})")
+        if sock in ready:
+            self._heard = now
+            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                msg = sock.recv_multipart(copy=False)
                 nbytes = sum(len(f) for f in msg)
                 self.stats.bytes_received += nbytes
                 reply, rframes = codec.unpack(msg)
                 if "sv" in reply:
                     self._clock_reply(reply["sv"], nbytes, waited)
+                waited = False
                 q = reply.get("q")
-                if q == seq:
-                    self.replied_at = time.perf_counter()
-                    return _checked(reply, rframes)
-                if q in self._expected:
-                    self._expected.discard(q)
-                    self._early[q] = (reply, rframes)
-                # else: a pong, or the late answer to a request that timed out or was forgotten
+                with self._turn:
+                    if q in self._expected:
+                        self._early[q] = (reply, rframes)
+                    # else: a pong, or the late answer to a request that timed out or was forgotten
+        elif now - self._pinged >= every and self._pinger not in ready:
+            self._pinged = now
+            try:
+                self._pinger.send_multipart(self._ping_message(), zmq.NOBLOCK)
+            except zmq.Again:  # not connected (yet): no sign of life either
+                pass
 
     def _clock_reply(self, sv, nbytes: int, waited: bool) -> None:
         clocked, self._clocked = self._clocked, None
@@ -260,14 +359,24 @@ class Link:
         return msg
 
     def close(self, linger: float = 1.0) -> None:
-        """Close the socket, giving queued messages (the goodbye) ``linger`` seconds to leave."""
-        with self._lock:
-            if not self.closed:
-                self.closed = True
-                self._stop_monitor()
-                self._pinger.close(linger=0)
-                self._sock.close(linger=int(linger * 1000))
-                self._ctx.term()
+        """Close the socket, giving queued messages (the goodbye) ``linger`` seconds to leave.
+        A thread waiting for a reply (another app thread) is woken and raises LinkError."""
+        with self._turn:
+            if self.closed:
+                return
+            self.closed = True
+            while self._using:
+                if self._polling:
+                    self._wake()
+                self._turn.wait()
+            self._using = True  # for good: no one uses the sockets again
+            self._turn.notify_all()
+        self._stop_monitor()
+        self._pinger.close(linger=0)
+        self._sock.close(linger=int(linger * 1000))
+        self._ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
 
 def _checked(reply: dict, frames: list) -> tuple[dict, list]:

@@ -6,14 +6,18 @@ that replay engaged, so a thread that fell back to eager would fail.
 """
 from __future__ import annotations
 
+import signal
 import sys
 import threading
+import time
 
 import torch
 from torch import nn
 
 import rrto
 
+from .conftest import ServerProcess
+from .test_faults import free_port
 from .test_replay import TinyNet, assert_same, frames_of
 
 
@@ -206,3 +210,117 @@ def test_threads_running_one_model_at_once_each_get_their_own_answers(server):
     here (switch interval 1 us); each thread's outputs must be its own, and each replays."""
     s = one_model_in_threads(server, 3, 30, switch=1e-6)
     assert s["replayed_inferences"] >= 3 * 24, s
+
+
+def test_a_thread_waiting_for_the_server_lets_the_others_go_on(server):
+    """While one thread waits for its result (on its way over a slow link), another walks a
+    frame of its own and gets its result: rrto lets go of its lock for the wait. Here each of
+    the first thread's downloads is held open until the second thread has run a whole frame.
+    Holding the lock through the wait, the second could not even start: the hold times out."""
+    nets = [TinyNet().eval(), Pooler().eval()]
+    frames = [frames_of(16, 12, seed=7), frames_of(16, 12, seed=8)]
+    with torch.no_grad():
+        expected = [[nets[0].head(nets[0](x)) for x in frames[0]], [nets[1](x) for x in frames[1]]]
+    results: list = [[], []]
+    b_in, a_waits, b_done = threading.Event(), threading.Event(), threading.Event()
+    a_thread, overlapped = [], []
+
+    def thread_a():
+        a_thread.append(threading.get_ident())
+        assert b_in.wait(30)
+        with torch.no_grad():
+            for x in frames[0]:
+                results[0].append(nets[0].head(nets[0](x.cuda())).cpu())
+
+    def thread_b():
+        torch.zeros(1).cuda()  # (in: a thread with a replayer of its own)
+        b_in.set()
+        with torch.no_grad():
+            for x in frames[1]:
+                assert a_waits.wait(30), "thread A never waited"
+                a_waits.clear()
+                results[1].append(nets[1](x.cuda()).cpu())
+                b_done.set()
+
+    rrto.enable(server=server.url, mode="replay", timeout=20)
+    try:
+        for net in nets:
+            net.cuda()
+        link = rrto.current().runtime.link
+        plain = link.await_reply
+
+        def held_open(seq, what="a reply"):
+            if a_thread and threading.get_ident() == a_thread[0] and what.startswith("the download") \
+                    and len(overlapped) < len(frames[1]) and all(overlapped):
+                a_waits.set()
+                overlapped.append(b_done.wait(5))  # B's whole frame, while A is in this wait
+                b_done.clear()
+            return plain(seq, what)
+        link.await_reply = held_open
+        errors = run_threads([thread_a, thread_b])
+        s = rrto.current().stats.snapshot()
+    finally:
+        rrto.disable()
+    assert overlapped == [True] * len(frames[1]), overlapped
+    assert not errors, errors
+    for k in range(2):
+        assert_same(expected[k], results[k])
+    assert s["replayed_inferences"] >= 2 * 6, s
+
+
+def test_the_server_lost_while_two_threads_wait():
+    """The server dies (kill -9) with two replaying threads at once: one waits in its frame
+    while the other runs one. Whichever finds the server gone closes the link under the
+    other's wait; both go on on this machine, outputs equal to local, and neither hangs."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    srv = ServerProcess("--listen", url)
+    nets = [TinyNet().eval(), Pooler().eval()]
+    frames = [frames_of(16, 12, seed=9), frames_of(16, 12, seed=10)]
+    with torch.no_grad():
+        expected = [[nets[0].head(nets[0](x)) for x in frames[0]], [nets[1](x) for x in frames[1]]]
+    results: list = [[], []]
+    b_in, killed = threading.Event(), threading.Event()
+    a_thread: list = []
+
+    def thread_a():
+        a_thread.append(threading.get_ident())
+        assert b_in.wait(30)
+        with torch.no_grad():
+            for x in frames[0]:
+                results[0].append(nets[0].head(nets[0](x.cuda())).cpu())
+
+    def thread_b():
+        torch.zeros(1).cuda()
+        b_in.set()
+        with torch.no_grad():
+            for i, x in enumerate(frames[1]):
+                if i == 8:  # B's wait starts after A's: A finds the server gone, and closes the link under it
+                    assert killed.wait(30), "thread A never reached its 8th download"
+                    time.sleep(0.4)
+                results[1].append(nets[1](x.cuda()).cpu())
+
+    rrto.enable(server=url, mode="replay", timeout=20, fault_timeout=1.0)
+    try:
+        for net in nets:
+            net.cuda()
+        link = rrto.current().runtime.link
+        plain, downloads = link.await_reply, [0]
+
+        def kill_at_the_8th(seq, what="a reply"):
+            if threading.get_ident() == a_thread[0] and what.startswith("the download"):
+                downloads[0] += 1
+                if downloads[0] == 8:
+                    srv.proc.send_signal(signal.SIGKILL)
+                    srv.proc.wait(10)
+                    killed.set()
+            return plain(seq, what)
+        link.await_reply = kill_at_the_8th
+        errors = run_threads([thread_a, thread_b])
+        s = rrto.current().stats.snapshot()
+    finally:
+        rrto.disable()
+        srv.stop()
+    assert not errors, errors
+    for k in range(2):
+        assert_same(expected[k], results[k])
+    assert s["faults"] == 1, s

@@ -68,6 +68,32 @@ def _one_thread_at_a_time(method):
     return serialized
 
 
+class _OthersGoOn:
+    """Held while an app thread waits for the server and other threads replay: rrto's lock is
+    let go (all the way: the wait is inside a call), so their walks overlap this wait.
+
+    Only a thread with a replayer of its own waits so: nothing another thread does touches
+    that replayer meanwhile, except taking its run ahead back (``_keep_threads_in_order``),
+    which waits for this wait to end."""
+    __slots__ = ("rt", "rep", "saved")
+
+    def __init__(self, rt: "Runtime", rep: Replayer):
+        self.rt, self.rep = rt, rep
+
+    def __enter__(self) -> None:
+        rt = self.rt
+        rt._aside.add(self.rep)
+        self.saved = rt._lock._release_save()  # (what threading.Condition.wait does with an RLock)
+
+    def __exit__(self, *exc) -> None:
+        rt = self.rt
+        rt._lock._acquire_restore(self.saved)
+        rt._aside.discard(self.rep)
+        rt._back.notify_all()
+        if rt._thread != _get_ident():
+            rt._enter_thread()
+
+
 class Alias:
     """An op output that is one of its input tensors (in-place and out= ops).
 
@@ -100,6 +126,8 @@ class Runtime:
         # One app thread at a time inside: robot apps run models from several threads (ROS
         # callbacks); interleaved, two threads took the same replay step (one handle, two tensors).
         self._lock = threading.RLock()
+        self._aside: set = set()  # replayers whose threads wait for the server without the lock
+        self._back = threading.Condition(self._lock)  # one of them took the lock back
         self._frees: collections.deque = collections.deque()  # handles of dead RemoteTensors
         # ``release(handle)``: a RemoteTensor died (``__del__``: in any thread, at any allocation,
         # maybe inside the runtime). Its handle is freed at the runtime's next call, by whichever
@@ -206,8 +234,10 @@ class Runtime:
         rep = self.replayer
         if self._several:
             flying = self._shared.flying
-            if flying and (len(flying) > 1 or rep not in flying):
-                self._keep_threads_in_order(plan.writes, tensors)
+            if flying and (len(flying) > 1 or rep not in flying) and \
+                    self._keep_threads_in_order(plan.writes, tensors):
+                self.stats.ops_intercepted -= 1  # (it waited for another thread: look at the call afresh)
+                return self._call(func, args, kwargs, first)
         if rep is not None and rep.program is not None:
             if plan.server_shapes:
                 step = rep.match("shaped", key, tensors, None)
@@ -471,6 +501,9 @@ class Runtime:
         """The tensor's data as a new CPU tensor (``.cpu()``, ``print``, ``.tolist()``)."""
         if self.closed:
             raise RrtoError("this tensor belongs to an rrto session that has ended (rrto.disable() was called)")
+        if self._several and self._shared.flying and not self.lost:
+            while self._keep_threads_in_order(False, [t]):
+                pass  # (it waited for another thread, which may have lost the server meanwhile)
         self.stats.downloads += 1
         if self.lost or t._ep != self.epoch:  # the value is (or can be made) here
             cpu = lineage.value(t).clone()
@@ -478,8 +511,6 @@ class Runtime:
                 self._resume()
             return cpu
         rep, step = self.replayer, None
-        if self._several and self._shared.flying:
-            self._keep_threads_in_order(False, [t])
         key = (GET, t._meta)
         if rep is not None and rep.program is not None:
             step = rep.match(GET, key, [t])
@@ -487,7 +518,7 @@ class Runtime:
         try:
             ahead = None if step is None else self._answered_ahead(what)
             if ahead is None:
-                desc, frame = self.streamer.get(t._h, what=what)
+                desc, frame = self.streamer.get(t._h, what=what, aside=self._others_go_on())
             else:
                 desc, frame = ahead[0]["d"], ahead[1][0]
         except LinkError as e:
@@ -535,7 +566,7 @@ class Runtime:
             step = rep.match(SYNC, (SYNC,), [])
         try:
             if step is None or (self._answered_ahead("the synchronize reply") is None and not rep.sync_folded()):
-                self.streamer.request("sync")
+                self.streamer.request("sync", aside=self._others_go_on())
         except LinkError as e:
             self._lose(e)
             return
@@ -577,7 +608,12 @@ class Runtime:
             return None
         if self._walk_from:  # the first wait since the input went up: the robot's walk ends here
             self._walk, self._walk_from = time.perf_counter() - self._walk_from, 0.0
-        reply = self.link.await_reply(seq, what)
+        aside = self._others_go_on()
+        if aside is None:
+            reply = self.link.await_reply(seq, what)
+        else:
+            with aside:
+                reply = self.link.await_reply(seq, what)
         stop = reply[0].get("stop")
         if stop is not None:  # it could not go on alone
             try:
@@ -667,20 +703,37 @@ class Runtime:
             self._overflow = self._make_replayer()
         return self._overflow
 
-    def _keep_threads_in_order(self, writes: bool, tensors: list) -> None:
+    def _keep_threads_in_order(self, writes: bool, tensors: list) -> bool:
         """Another thread's run ahead did its iteration before its app got there. Before this
         call touches a tensor of that iteration, or writes one outside its own (a weight, a
         buffer the threads share), the server takes that run back to where its thread is:
-        what the call reads or writes then happens in the order the app's threads made it."""
+        what the call reads or writes then happens in the order the app's threads made it.
+
+        True: that thread was waiting for the server, and this one waited for it to be back
+        (not taken back under a wait, a run's steps could run twice); the call looks afresh."""
         rep = self.replayer
         handles = [t._h for t in tensors if type(t) is RemoteTensor]
         if writes and not (rep is not None and rep.pos and all(rep.in_iteration(h) for h in handles)):
             others = [r for r in self._shared.flying if r is not rep]
         else:
             others = [r for r in self._shared.flying if r is not rep and any(r.in_iteration(h) for h in handles)]
+        if self._aside and any(r in self._aside for r in others):
+            self._back.wait()
+            if self._thread != _get_ident():
+                self._enter_thread()
+            return True
         for other in others:
             other.recall_ahead()
         self.stats.runs_recalled += len(others)
+        return False
+
+    def _others_go_on(self) -> _OthersGoOn | None:
+        """What a wait for the server holds: with other app threads replaying, it lets go of
+        rrto's lock (a thread sharing its replayer with others keeps it)."""
+        rep = self.replayer
+        if not self._several or rep is None or rep is self._overflow:
+            return None
+        return _OthersGoOn(self, rep)
 
     def _probe_link(self, nbytes: int) -> float:
         """Seconds for one round trip carrying ``nbytes`` up (lop measures the link with these)."""

@@ -73,18 +73,18 @@ class EagerStreamer:
         else:
             self.link.send(header, [buf], wait_sent=wait_sent)
 
-    def get(self, handle: int, what: str) -> tuple[dict, Any]:
-        """Download the server tensor ``handle``: (descriptor, frame)."""
+    def get(self, handle: int, what: str, aside=None) -> tuple[dict, Any]:
+        """Download the server tensor ``handle``: (descriptor, frame). ``aside``: see ``Link.request``."""
         header = {"t": "get", "h": handle}
         self._attach_frees(header)
-        reply, frames = self.link.request(header, what=what)
+        reply, frames = self.link.request(header, what=what, aside=aside)
         return reply["d"], frames[0]
 
-    def request(self, kind: str, **fields) -> dict:
+    def request(self, kind: str, aside=None, **fields) -> dict:
         """A small request the robot waits for (``sync``, ``mem``, ``bye``)."""
         header = {"t": kind, **fields}
         self._attach_frees(header)
-        return self.link.request(header, what=f"the '{kind}' reply")[0]
+        return self.link.request(header, what=f"the '{kind}' reply", aside=aside)[0]
 
     def notify(self, kind: str, **fields) -> None:
         """A small message that needs no reply (``seed``)."""
