@@ -35,6 +35,70 @@ class Pooler(nn.Module):
         return self.fc(y.flatten(1)).softmax(-1)
 
 
+class TwoModels:
+    """TinyNet (thread A) and Pooler (thread B), each over frames of its own, with the
+    outputs each should give (computed locally) and those it gave."""
+
+    def __init__(self, n: int, seeds: tuple[int, int]):
+        self.nets = [TinyNet().eval(), Pooler().eval()]
+        self.frames = [frames_of(16, n, seed=s) for s in seeds]
+        with torch.no_grad():
+            self.expected = [[self.forward(k, x) for x in self.frames[k]] for k in range(2)]
+        self.results: list = [[], []]
+
+    def forward(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        y = self.nets[k](x)
+        return self.nets[0].head(y) if k == 0 else y
+
+    def worker(self, k: int, before=None, after=None):
+        """Thread k's loop; ``before(i)`` and ``after(i)`` run around its frame i."""
+        def run():
+            with torch.no_grad():
+                for i, x in enumerate(self.frames[k]):
+                    if before is not None:
+                        before(i)
+                    self.results[k].append(self.forward(k, x.cuda()).cpu())
+                    if after is not None:
+                        after(i)
+        return run
+
+    def check(self) -> None:
+        for k in range(2):
+            assert_same(self.expected[k], self.results[k])
+
+    def run_hooking_a_downloads(self, url: str, on_a_download, b_before=None, b_after=None,
+                                **enable) -> tuple[list, dict]:
+        """Threads A and B at once, B in rrto first (so each has a replayer of its own); each
+        wait of A's for a download first calls ``on_a_download()``. Returns (errors, stats)."""
+        b_in, a = threading.Event(), []
+
+        def thread_a():
+            a.append(threading.get_ident())
+            assert b_in.wait(30)
+            self.worker(0)()
+
+        def thread_b():
+            torch.zeros(1).cuda()
+            b_in.set()
+            self.worker(1, b_before, b_after)()
+
+        rrto.enable(server=url, mode="replay", timeout=20, **enable)
+        try:
+            for net in self.nets:
+                net.cuda()
+            link = rrto.current().runtime.link
+            plain = link.await_reply
+
+            def hooked(seq, what="a reply"):
+                if a and threading.get_ident() == a[0] and what.startswith("the download"):
+                    on_a_download()
+                return plain(seq, what)
+            link.await_reply = hooked
+            return run_threads([thread_a, thread_b]), rrto.current().stats.snapshot()
+        finally:
+            rrto.disable()
+
+
 def run_threads(workers: list, switch: float | None = None) -> list:
     """Start a thread per worker, join them all; the errors they raised."""
     errors: list = []
@@ -62,31 +126,17 @@ def run_threads(workers: list, switch: float | None = None) -> list:
 def test_two_threads_running_two_models_both_replay(server):
     """A camera callback and a second sensor's callback, each with its own model, their calls
     interleaved: with one replayer for both, neither sequence repeated and both ran eagerly."""
-    nets = [TinyNet().eval(), Pooler().eval()]
-    frames = [frames_of(16, 30, seed=3), frames_of(16, 30, seed=4)]
-    with torch.no_grad():
-        expected = [[nets[0].head(nets[0](x)) for x in frames[0]], [nets[1](x) for x in frames[1]]]
-    results: list = [[], []]
-
-    def worker(k):
-        def run():
-            with torch.no_grad():
-                for x in frames[k]:
-                    y = nets[k](x.cuda())
-                    results[k].append((nets[k].head(y) if k == 0 else y).cpu())
-        return run
-
+    two = TwoModels(30, (3, 4))
     rrto.enable(server=server.url, mode="replay", timeout=20)
     try:
-        for net in nets:
+        for net in two.nets:
             net.cuda()
-        errors = run_threads([worker(0), worker(1)], switch=1e-5)
+        errors = run_threads([two.worker(0), two.worker(1)], switch=1e-5)
         s = rrto.current().stats.snapshot()
     finally:
         rrto.disable()
     assert not errors, errors
-    for k in range(2):
-        assert_same(expected[k], results[k])
+    two.check()
     assert s["replayed_inferences"] >= 2 * 24, s  # each thread: recorded by its 5th frame
     assert s["messages_per_replayed_inference"] <= 1.2, s
 
@@ -217,54 +267,23 @@ def test_a_thread_waiting_for_the_server_lets_the_others_go_on(server):
     frame of its own and gets its result: rrto lets go of its lock for the wait. Here each of
     the first thread's downloads is held open until the second thread has run a whole frame.
     Holding the lock through the wait, the second could not even start: the hold times out."""
-    nets = [TinyNet().eval(), Pooler().eval()]
-    frames = [frames_of(16, 12, seed=7), frames_of(16, 12, seed=8)]
-    with torch.no_grad():
-        expected = [[nets[0].head(nets[0](x)) for x in frames[0]], [nets[1](x) for x in frames[1]]]
-    results: list = [[], []]
-    b_in, a_waits, b_done = threading.Event(), threading.Event(), threading.Event()
-    a_thread, overlapped = [], []
+    two = TwoModels(12, (7, 8))
+    a_waits, b_done, overlapped = threading.Event(), threading.Event(), []
 
-    def thread_a():
-        a_thread.append(threading.get_ident())
-        assert b_in.wait(30)
-        with torch.no_grad():
-            for x in frames[0]:
-                results[0].append(nets[0].head(nets[0](x.cuda())).cpu())
+    def hold_open():
+        if len(overlapped) < len(two.frames[1]) and all(overlapped):
+            a_waits.set()
+            overlapped.append(b_done.wait(5))  # B's whole frame, while A is in this wait
+            b_done.clear()
 
-    def thread_b():
-        torch.zeros(1).cuda()  # (in: a thread with a replayer of its own)
-        b_in.set()
-        with torch.no_grad():
-            for x in frames[1]:
-                assert a_waits.wait(30), "thread A never waited"
-                a_waits.clear()
-                results[1].append(nets[1](x.cuda()).cpu())
-                b_done.set()
-
-    rrto.enable(server=server.url, mode="replay", timeout=20)
-    try:
-        for net in nets:
-            net.cuda()
-        link = rrto.current().runtime.link
-        plain = link.await_reply
-
-        def held_open(seq, what="a reply"):
-            if a_thread and threading.get_ident() == a_thread[0] and what.startswith("the download") \
-                    and len(overlapped) < len(frames[1]) and all(overlapped):
-                a_waits.set()
-                overlapped.append(b_done.wait(5))  # B's whole frame, while A is in this wait
-                b_done.clear()
-            return plain(seq, what)
-        link.await_reply = held_open
-        errors = run_threads([thread_a, thread_b])
-        s = rrto.current().stats.snapshot()
-    finally:
-        rrto.disable()
-    assert overlapped == [True] * len(frames[1]), overlapped
+    def after_a_waits(i):
+        assert a_waits.wait(30), "thread A never waited"
+        a_waits.clear()
+    errors, s = two.run_hooking_a_downloads(server.url, hold_open, b_before=after_a_waits,
+                                            b_after=lambda i: b_done.set())
+    assert overlapped == [True] * len(two.frames[1]), overlapped
     assert not errors, errors
-    for k in range(2):
-        assert_same(expected[k], results[k])
+    two.check()
     assert s["replayed_inferences"] >= 2 * 6, s
 
 
@@ -274,53 +293,24 @@ def test_the_server_lost_while_two_threads_wait():
     other's wait; both go on on this machine, outputs equal to local, and neither hangs."""
     url = f"tcp://127.0.0.1:{free_port()}"
     srv = ServerProcess("--listen", url)
-    nets = [TinyNet().eval(), Pooler().eval()]
-    frames = [frames_of(16, 12, seed=9), frames_of(16, 12, seed=10)]
-    with torch.no_grad():
-        expected = [[nets[0].head(nets[0](x)) for x in frames[0]], [nets[1](x) for x in frames[1]]]
-    results: list = [[], []]
-    b_in, killed = threading.Event(), threading.Event()
-    a_thread: list = []
+    two = TwoModels(12, (9, 10))
+    killed, downloads = threading.Event(), [0]
 
-    def thread_a():
-        a_thread.append(threading.get_ident())
-        assert b_in.wait(30)
-        with torch.no_grad():
-            for x in frames[0]:
-                results[0].append(nets[0].head(nets[0](x.cuda())).cpu())
+    def kill_at_the_8th():
+        downloads[0] += 1
+        if downloads[0] == 8:
+            srv.proc.send_signal(signal.SIGKILL)
+            srv.proc.wait(10)
+            killed.set()
 
-    def thread_b():
-        torch.zeros(1).cuda()
-        b_in.set()
-        with torch.no_grad():
-            for i, x in enumerate(frames[1]):
-                if i == 8:  # B's wait starts after A's: A finds the server gone, and closes the link under it
-                    assert killed.wait(30), "thread A never reached its 8th download"
-                    time.sleep(0.4)
-                results[1].append(nets[1](x.cuda()).cpu())
-
-    rrto.enable(server=url, mode="replay", timeout=20, fault_timeout=1.0)
+    def after_the_kill(i):
+        if i == 8:  # B's wait starts after A's: A finds the server gone, and closes the link under it
+            assert killed.wait(30), "thread A never reached its 8th download"
+            time.sleep(0.4)
     try:
-        for net in nets:
-            net.cuda()
-        link = rrto.current().runtime.link
-        plain, downloads = link.await_reply, [0]
-
-        def kill_at_the_8th(seq, what="a reply"):
-            if threading.get_ident() == a_thread[0] and what.startswith("the download"):
-                downloads[0] += 1
-                if downloads[0] == 8:
-                    srv.proc.send_signal(signal.SIGKILL)
-                    srv.proc.wait(10)
-                    killed.set()
-            return plain(seq, what)
-        link.await_reply = kill_at_the_8th
-        errors = run_threads([thread_a, thread_b])
-        s = rrto.current().stats.snapshot()
+        errors, s = two.run_hooking_a_downloads(url, kill_at_the_8th, b_before=after_the_kill, fault_timeout=1.0)
     finally:
-        rrto.disable()
         srv.stop()
     assert not errors, errors
-    for k in range(2):
-        assert_same(expected[k], results[k])
+    two.check()
     assert s["faults"] == 1, s
