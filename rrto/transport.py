@@ -248,6 +248,8 @@ class Link:
         turn = self._turn
         start = time.monotonic()
         every = self.fault_timeout / 4  # four pings per fault timeout
+        with turn:
+            self._expected.add(seq)  # (whoever polls files it for this thread)
         while True:
             with turn:
                 while True:
@@ -259,7 +261,6 @@ class Link:
                     if self.closed:
                         self._expected.discard(seq)
                         raise LinkError(f"this rrto connection closed while waiting for {what}")
-                    self._expected.add(seq)
                     if not self._using and not self._senders:
                         self._using = self._polling = True
                         break
