@@ -19,6 +19,7 @@ a thread that wants to send wakes the poller through a pipe and takes its turn.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -32,6 +33,7 @@ from .errors import LinkError, LinkLost, remote_error
 from .keys import CurveKeys
 from .stats import Stats
 
+HOLD = contextlib.nullcontext()  # a wait that keeps what its caller holds (see ``Link.request``)
 _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
@@ -178,12 +180,11 @@ class Link:
                             "is the link down?") from None
         return seq
 
-    def request(self, header: dict, frames: list = (), what: str = "a reply", aside=None) -> tuple[dict, list]:
+    def request(self, header: dict, frames: list = (), what: str = "a reply",
+                aside: contextlib.AbstractContextManager = HOLD) -> tuple[dict, list]:
         """Send and wait for the matching reply; error replies raise their exception.
-        ``aside``: a context manager held while waiting (the runtime lets other threads in)."""
+        ``aside``: held while waiting (the runtime lets other app threads in)."""
         seq = self.send(header, frames, numbered=True)
-        if aside is None:
-            return self.await_reply(seq, what)
         with aside:
             return self.await_reply(seq, what)
 
@@ -250,32 +251,30 @@ class Link:
         every = self.fault_timeout / 4  # four pings per fault timeout
         with turn:
             self._expected.add(seq)  # (whoever polls files it for this thread)
-        while True:
-            with turn:
-                while True:
-                    early = self._early.pop(seq, None)
-                    if early is not None:
-                        self._expected.discard(seq)
-                        self.replied_at = time.perf_counter()
-                        return _checked(*early)
-                    if self.closed:
-                        self._expected.discard(seq)
-                        raise LinkError(f"this rrto connection closed while waiting for {what}")
-                    if not self._using and not self._senders:
-                        self._using = self._polling = True
-                        break
-                    turn.wait(every)
-                    self._check_time(seq, start, what)
-            try:
-                self._poll(every, start, what)
-            except LinkError:
+        try:
+            while True:
                 with turn:
-                    self._expected.discard(seq)
-                raise
-            finally:
-                self._give()
+                    while True:
+                        early = self._early.pop(seq, None)
+                        if early is not None:
+                            self.replied_at = time.perf_counter()
+                            return _checked(*early)
+                        if self.closed:
+                            raise LinkError(f"this rrto connection closed while waiting for {what}")
+                        if not self._using and not self._senders:
+                            self._using = self._polling = True
+                            break
+                        turn.wait(every)
+                        self._check_time(seq, start, what)
+                try:
+                    self._poll(every, what)
+                finally:
+                    self._give()
+                with turn:
+                    self._check_time(seq, start, what)
+        finally:
             with turn:
-                self._check_time(seq, start, what)
+                self._expected.discard(seq)  # (a late reply, after an error, is dropped)
 
     def _check_time(self, seq: int, start: float, what: str) -> None:
         """(holding the turn) Raise if the wait for ``seq`` has gone on too long."""
@@ -283,16 +282,14 @@ class Link:
             return
         now = time.monotonic()
         if now - max(start, self._heard) > self.fault_timeout:
-            self._expected.discard(seq)
             raise LinkLost(f"no sign of life from it for {now - max(start, self._heard):.1f} s (waiting for {what})")
         if now - start > self.timeout:
-            self._expected.discard(seq)
             raise LinkError(
                 f"no reply from rrto-server at {self.url} within {self.timeout:g} s "
                 f"(waiting for {what}); it still answers pings, so an op is taking that long. "
                 "Set RRTO_TIMEOUT (seconds) to wait longer.")
 
-    def _poll(self, every: float, start: float, what: str) -> None:
+    def _poll(self, every: float, what: str) -> None:
         """(holding the sockets) Wait up to ``every`` s for messages; file the replies that came."""
         sock = self._sock
         waited = not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN  # else the next message came earlier

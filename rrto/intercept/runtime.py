@@ -37,7 +37,7 @@ from ..record import CONSTANT_BYTES, GET, OP, PUT, SEED, SYNC, Event, name_key
 from ..replay.replayer import Replayer, Shared, cpu_bytes
 from ..replay.streamer import EagerStreamer
 from ..stats import Stats
-from ..transport import Link
+from ..transport import HOLD, Link
 from . import lineage
 from .remote_tensor import RemoteTensor, TensorMeta, remote, set_meta
 
@@ -608,12 +608,8 @@ class Runtime:
             return None
         if self._walk_from:  # the first wait since the input went up: the robot's walk ends here
             self._walk, self._walk_from = time.perf_counter() - self._walk_from, 0.0
-        aside = self._others_go_on()
-        if aside is None:
+        with self._others_go_on():
             reply = self.link.await_reply(seq, what)
-        else:
-            with aside:
-                reply = self.link.await_reply(seq, what)
         stop = reply[0].get("stop")
         if stop is not None:  # it could not go on alone
             try:
@@ -727,12 +723,12 @@ class Runtime:
         self.stats.runs_recalled += len(others)
         return False
 
-    def _others_go_on(self) -> _OthersGoOn | None:
+    def _others_go_on(self):
         """What a wait for the server holds: with other app threads replaying, it lets go of
         rrto's lock (a thread sharing its replayer with others keeps it)."""
         rep = self.replayer
         if not self._several or rep is None or rep is self._overflow:
-            return None
+            return HOLD
         return _OthersGoOn(self, rep)
 
     def _probe_link(self, nbytes: int) -> float:

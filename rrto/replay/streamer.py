@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from .. import codec
-from ..transport import Link
+from ..transport import HOLD, Link
 
 
 class EagerStreamer:
@@ -73,14 +73,14 @@ class EagerStreamer:
         else:
             self.link.send(header, [buf], wait_sent=wait_sent)
 
-    def get(self, handle: int, what: str, aside=None) -> tuple[dict, Any]:
+    def get(self, handle: int, what: str, aside=HOLD) -> tuple[dict, Any]:
         """Download the server tensor ``handle``: (descriptor, frame). ``aside``: see ``Link.request``."""
         header = {"t": "get", "h": handle}
         self._attach_frees(header)
         reply, frames = self.link.request(header, what=what, aside=aside)
         return reply["d"], frames[0]
 
-    def request(self, kind: str, aside=None, **fields) -> dict:
+    def request(self, kind: str, aside=HOLD, **fields) -> dict:
         """A small request the robot waits for (``sync``, ``mem``, ``bye``)."""
         header = {"t": kind, **fields}
         self._attach_frees(header)
