@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rrto import codec
-from server.ops import DENIED, allowed_names
+from server import kernels
+from server.ops import DENIED, OutputMeta, allowed_names, output_binding, to_meta
 
 from .conftest import RawClient, ServerProcess
 from .test_server import get, good_request_works, put
@@ -182,3 +183,45 @@ def test_stats_needs_a_session(own_server):
         assert r["t"] == "err" and r["kind"] == "no_session"
     finally:
         c.close()
+
+
+def _stand_in_cases():
+    """(op, its stand-in meta kernel, arguments) for the meta kernels server/kernels.py adds."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 7)
+    flags = [False, False, True, True]  # benchmark, deterministic, cudnn_enabled, allow_tf32
+    conv = torch.ops.aten._convolution.default
+    yield conv, kernels._convolution_meta, [x, torch.randn(4, 3, 3, 3), torch.randn(4), [2, 1], [1, 0], [1, 2],
+                                            False, [0, 0], 1, *flags]
+    yield conv, kernels._convolution_meta, [x.contiguous(memory_format=torch.channels_last), torch.randn(6, 1, 3, 3),
+                                            None, [1, 1], [1, 1], [1, 1], False, [0, 0], 3, *flags]
+    yield conv, kernels._convolution_meta, [x, torch.randn(3, 2, 3, 3), torch.randn(2), [2, 2], [1, 1], [1, 1],
+                                            True, [1, 0], 1, *flags]
+    for norm_first, batch in ((False, (2, 5)), (True, (1, 7))):
+        layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, norm_first=norm_first).eval()
+        a = layer.self_attn
+        yield torch.ops.aten._transformer_encoder_layer_fwd.default, kernels._encoder_layer_meta, [
+            torch.randn(*batch, 8), 8, 2, a.in_proj_weight, a.in_proj_bias, a.out_proj.weight, a.out_proj.bias,
+            False, norm_first, 1e-5, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias,
+            layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias]
+
+
+@torch.no_grad()
+def test_meta_kernels_the_server_adds_size_outputs_as_the_ops_make_them():
+    """torch 2.11 has no meta kernel for _convolution (TorchScript's conv) or the transformer
+    encoder's fused eval path, so a GPU server refused them ("cannot be size-checked"). A
+    kernel standing in must give each output the shape and dtype the op gives it, and strides
+    the server can deliver; and where torch has a meta kernel of its own, exactly its output.
+    With them installed, each op runs on meta tensors, whichever torch this is."""
+    lib = kernels.install()
+    try:
+        for op, stand_in, args in _stand_in_cases():
+            real, ours, torchs = op(*args), stand_in(*to_meta(args)), op(*to_meta(args))
+            assert (ours.device.type, ours.shape, ours.dtype) == ("meta", real.shape, real.dtype), op
+            promised = OutputMeta(tuple(ours.shape), ours.stride(), 0, ours.dtype, 0, False)
+            # (a channels-last conv: the CPU kernel keeps that layout, meta kernels do not; the server copies)
+            assert output_binding(real, promised, args, {}) in (None, "copy"), op
+            assert (torchs.shape, torchs.stride(), torchs.dtype) == (ours.shape, ours.stride(), ours.dtype), op
+    finally:
+        if lib is not None:
+            lib._destroy()
