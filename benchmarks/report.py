@@ -48,7 +48,7 @@ def header(results: dict) -> str:
            f"{results['server'].get('threads', '?')} CPU thread(s))",
            f"link emulation: {results['link_emulation']}",
            f"robot: {results['robot']['limit']} ({results['robot']['cpu_share'] or 'all'} core), "
-           f"{results['robot']['torch_threads']} torch thread(s)",
+           f"{results['robot']['torch_threads']} torch thread(s), {_cores(results['robot'])}",
            f"frames: {s['frames']} measured after {s['warmup']} warm-up (partition, lop: after their plan too), "
            f"x{s['repeats']} repeats, modes interleaved"]
     for name, link in results["links"].items():
@@ -201,3 +201,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _cores(robot: dict) -> str:
+    if not robot.get("robot_cores"):
+        return "robot and servers share all cores"
+    idle = robot.get("idle_siblings") or []
+    return (f"robot on cpu {','.join(map(str, robot['robot_cores']))}, servers on "
+            f"{len(robot['server_cores'])} other(s)" + (f", SMT sibling(s) {','.join(map(str, idle))} idle" if idle else ""))

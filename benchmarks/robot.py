@@ -77,15 +77,35 @@ class CoreSplit:
 
     With shared cores a robot that works while the server computes (replay walking its recording,
     lop computing its bands) steals the server's core, while ``direct``'s idle robot steals nothing:
-    the comparison would measure this host, not the modes. ``robot`` gets the first
-    ceil(share) cores, the servers the rest; with too few cores nothing is pinned."""
+    the comparison would measure this host, not the modes. ``robot`` gets the first ceil(share)
+    physical cores, one hardware thread of each, and the servers the other physical cores: on
+    an SMT host the robot's siblings stay idle, since a hyperthread busy with the server runs
+    on the robot's core. Where sysfs shows no siblings (this sandbox, the lent H100 host) each
+    logical CPU is a core; with too few cores nothing is pinned."""
 
-    def __init__(self, share: float | None, enabled: bool = True, cores: list[int] | None = None):
+    def __init__(self, share: float | None, enabled: bool = True, cores: list[int] | None = None,
+                 siblings: dict[int, frozenset[int]] | None = None):
         cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
+        siblings = _siblings(cores) if siblings is None else siblings
         need = max(1, math.ceil(share or 0))
         self.robot: list[int] | None = None
         self.server: list[int] | None = None
-        if enabled and share and len(cores) > need:
+        self.idle: list[int] = []
+        physical: list[list[int]] = []  # the usable hardware threads of each physical core, in order
+        seen: dict[frozenset, list[int]] = {}
+        for c in cores:
+            key = siblings.get(c, frozenset((c,)))
+            if key not in seen:
+                seen[key] = []
+                physical.append(seen[key])
+            seen[key].append(c)
+        if not enabled or not share:
+            return
+        if len(physical) > need:
+            self.robot = [threads[0] for threads in physical[:need]]
+            self.idle = [c for threads in physical[:need] for c in threads[1:]]
+            self.server = [c for threads in physical[need:] for c in threads]
+        elif len(cores) > need:  # (one physical core: siblings are all there is)
             self.robot, self.server = cores[:need], cores[need:]
 
     def pin(self, which: str):
@@ -94,7 +114,28 @@ class CoreSplit:
         return None if cores is None else (lambda: os.sched_setaffinity(0, cores))
 
     def describe(self) -> dict:
-        return {"robot_cores": self.robot, "server_cores": self.server}
+        return {"robot_cores": self.robot, "server_cores": self.server, "idle_siblings": self.idle}
+
+
+def _siblings(cores: list[int]) -> dict[int, frozenset[int]]:
+    """Each core's hardware threads (itself and its SMT siblings), from sysfs; {} where unknown."""
+    out = {}
+    for c in cores:
+        text = _read(Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list")).strip()
+        try:
+            out[c] = frozenset(_cpu_list(text))
+        except ValueError:
+            continue
+    return out
+
+
+def _cpu_list(text: str) -> list[int]:
+    """``"0-1,8"`` -> [0, 1, 8] (the kernel's CPU list format)."""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
 
 
 def _read(path: Path) -> str:

@@ -128,12 +128,22 @@ def test_timeline_plot_draws_given_events(tmp_path):
 
 
 def test_robot_and_servers_get_disjoint_cores_when_there_are_enough():
-    assert CoreSplit(1.0, cores=[0, 1]).describe() == {"robot_cores": [0], "server_cores": [1]}
-    assert CoreSplit(0.5, cores=[2, 3, 5]).describe() == {"robot_cores": [2], "server_cores": [3, 5]}
-    assert CoreSplit(1.5, cores=[0, 1, 2, 3]).describe() == {"robot_cores": [0, 1], "server_cores": [2, 3]}
-    for split in (CoreSplit(1.0, cores=[0]), CoreSplit(2.0, cores=[0, 1]), CoreSplit(None, cores=[0, 1]),
-                  CoreSplit(1.0, enabled=False, cores=[0, 1])):
-        assert split.describe() == {"robot_cores": None, "server_cores": None} and split.pin("robot") is None
+    def split(share, cores, siblings=None, **kw):
+        d = CoreSplit(share, cores=cores, siblings=siblings or {}, **kw).describe()
+        return d["robot_cores"], d["server_cores"], d["idle_siblings"]
+
+    assert split(1.0, [0, 1]) == ([0], [1], [])
+    assert split(0.5, [2, 3, 5]) == ([2], [3, 5], [])
+    assert split(1.5, [0, 1, 2, 3]) == ([0, 1], [2, 3], [])
+    # SMT: cpu k and k+4 are one physical core. The robot's sibling serves nobody.
+    smt = {c: frozenset((c % 4, c % 4 + 4)) for c in range(8)}
+    assert split(1.0, list(range(8)), smt) == ([0], [1, 5, 2, 6, 3, 7], [4])
+    assert split(2.0, list(range(8)), smt) == ([0, 1], [2, 6, 3, 7], [4, 5])
+    assert split(1.0, [0, 4], smt) == ([0], [4], [])  # one physical core: its two threads are all there is
+    assert CoreSplit(1.0, cores=[0, 1], siblings={0: frozenset((0, 1)), 1: frozenset((0, 1))}).robot == [0]
+    for share, cores, kw in ((1.0, [0], {}), (2.0, [0, 1], {}), (None, [0, 1], {}), (1.0, [0, 1], {"enabled": False})):
+        assert split(share, cores, **kw)[:2] == (None, None)
+        assert CoreSplit(share, cores=cores, siblings={}, **kw).pin("robot") is None
     split = CoreSplit(1.0)  # this machine's cores: a child pinned to the servers' gets just those
     if split.server:
         for which, cores in (("robot", split.robot), ("server", split.server)):
