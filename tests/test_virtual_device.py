@@ -282,6 +282,26 @@ def test_a_full_transformer_in_eval_takes_the_fused_attention_path(remote):
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_takes_the_math_path_whatever_the_robots_build(server):
+    """A CUDA build on a robot with a GPU let scaled_dot_product_attention ask that GPU for a
+    fused kernel (an H100 robot sent _scaled_dot_product_efficient_attention, which the CPU
+    test server cannot run). While rrto is on, the fused backends are off, as cuDNN is; the
+    app's own settings come back after."""
+    cuda = torch.backends.cuda
+    backends = [n for n in ("flash", "mem_efficient", "cudnn") if hasattr(cuda, f"enable_{n}_sdp")]
+    cuda.enable_flash_sdp(False)  # the app's choice before rrto: it must survive
+    try:
+        with rrto.offload(server.url, mode="eager"):
+            assert not any(getattr(cuda, f"{n}_sdp_enabled")() for n in backends)
+            assert cuda.math_sdp_enabled()
+            q = torch.randn(2, 4, 5, 8)
+            out = torch.nn.functional.scaled_dot_product_attention(q.cuda(), q.cuda(), q.cuda())
+            torch.testing.assert_close(out.cpu(), torch.nn.functional.scaled_dot_product_attention(q, q, q))
+        assert [getattr(cuda, f"{n}_sdp_enabled")() for n in backends] == [n != "flash" for n in backends]
+    finally:
+        cuda.enable_flash_sdp(True)
+
+
 def test_torch_compile_runs_the_model_as_written(remote):
     torch.manual_seed(0)
     model, x = _small_model(), torch.randn(1, 3, 4, 4)

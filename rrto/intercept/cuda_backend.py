@@ -22,7 +22,10 @@ with no GPU). There the tensor-less ops with a CUDA kernel of their own (``empty
 factories build on them. Its device guard is set aside as well (``native/cuda_guard.cpp``),
 and cuDNN is switched off for the app: ``batch_norm`` picks ``cudnn_batch_norm`` for a cuda
 input where torch has cuDNN, a backend-private op no server serves (it runs
-``native_batch_norm``, which the server's GPU runs with its own kernels).
+``native_batch_norm``, which the server's GPU runs with its own kernels). So are the fused
+attention kernels: ``scaled_dot_product_attention`` asks the robot's own GPU which one it
+supports (an H100 robot picked ``_scaled_dot_product_efficient_attention``, which a CPU server
+cannot run, nor an older GPU); it takes the math path instead, as on a build without CUDA.
 """
 from __future__ import annotations
 
@@ -118,15 +121,27 @@ def install(runtime) -> callable:
 
     cudnn = torch.backends.cudnn.enabled
     torch.backends.cudnn.enabled = False
+    fused_attention = _fused_attention(False)
 
     def uninstall() -> None:  # (a CUDA build's own kernels come back when the Library is destroyed)
         for lib in libs:
             lib._destroy()
         torch.backends.cudnn.enabled = cudnn
+        _fused_attention(fused_attention)
         if _guard_lib is not None:
             _guard_lib.rrto_unregister_cuda_guard()
 
     return uninstall
+
+
+def _fused_attention(on: bool | dict) -> dict:
+    """Switch the fused attention backends (flash, memory-efficient, cuDNN) on or off, or back
+    to ``on``'s settings; returns the settings before."""
+    names = [n for n in ("flash", "mem_efficient", "cudnn") if hasattr(torch.backends.cuda, f"enable_{n}_sdp")]
+    before = {n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in names}
+    for n in names:
+        getattr(torch.backends.cuda, f"enable_{n}_sdp")(on[n] if isinstance(on, dict) else on)
+    return before
 
 
 @functools.cache  # (aten's ops are fixed once torch is imported; ~10 ms to list)
