@@ -40,6 +40,15 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _cores(robot: dict) -> str:
+    """Where the robot and the servers ran (``CoreSplit.describe``)."""
+    if not robot.get("robot_cores"):
+        return "robot and servers share all cores"
+    out = f"robot on cpu {','.join(map(str, robot['robot_cores']))}, servers on {len(robot['server_cores'])} other(s)"
+    idle = robot.get("idle_siblings")
+    return out + (f", SMT sibling(s) {','.join(map(str, idle))} idle" if idle else "")
+
+
 def header(results: dict) -> str:
     """What was measured, in a few lines: machine, devices, links, robot."""
     m, s = results["machine"], results["settings"]
@@ -201,11 +210,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _cores(robot: dict) -> str:
-    if not robot.get("robot_cores"):
-        return "robot and servers share all cores"
-    idle = robot.get("idle_siblings") or []
-    return (f"robot on cpu {','.join(map(str, robot['robot_cores']))}, servers on "
-            f"{len(robot['server_cores'])} other(s)" + (f", SMT sibling(s) {','.join(map(str, idle))} idle" if idle else ""))

@@ -91,14 +91,10 @@ class CoreSplit:
         self.robot: list[int] | None = None
         self.server: list[int] | None = None
         self.idle: list[int] = []
-        physical: list[list[int]] = []  # the usable hardware threads of each physical core, in order
-        seen: dict[frozenset, list[int]] = {}
+        by_core: dict[frozenset, list[int]] = {}  # physical core -> its usable hardware threads, in order
         for c in cores:
-            key = siblings.get(c, frozenset((c,)))
-            if key not in seen:
-                seen[key] = []
-                physical.append(seen[key])
-            seen[key].append(c)
+            by_core.setdefault(siblings.get(c, frozenset((c,))), []).append(c)
+        physical = list(by_core.values())
         if not enabled or not share:
             return
         if len(physical) > need:
