@@ -168,6 +168,66 @@ def test_a_model_scripted_while_offloading_runs_on_the_device(remote):
         assert torch.equal(head(x.cuda(), w.cuda()).cpu(), torch.nn.functional.conv2d(x, w, padding=1).relu())
 
 
+@torch.jit.ignore
+def _tolerant(x):  # (no annotations: TorchScript takes Tensor, and cannot read them as strings)
+    try:
+        return x + torch.ones(3, 3)  # a CPU tensor beside a cuda one: rrto raises, this catches
+    except RuntimeError:
+        return x
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch 2.13 deprecates TorchScript)
+def test_an_error_inside_torchscript_reaches_the_app_with_its_message(remote):
+    """TorchScript's interpreter empties the message of an exception raised in
+    ``__torch_dispatch__`` ("RuntimeError: " and nothing): the app gets rrto's error instead."""
+    @torch.jit.script
+    def mixed(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + y
+
+    @torch.jit.script
+    def inverse_total(x: torch.Tensor) -> float:
+        return torch.linalg.inv(x).sum().item()  # the server's error comes back at the wait, inside
+
+    class Mixed(nn.Module):
+        def forward(self, x, y):
+            return x * y
+
+    @torch.jit.script
+    def checked(x: torch.Tensor) -> torch.Tensor:
+        y = _tolerant(x)
+        if bool(y.sum() > -1.0):
+            raise ValueError("frame rejected")
+        return y
+
+    module = torch.jit.load(_torchscript(Mixed()))
+    x, cpu = torch.zeros(3, 3).cuda(), torch.ones(3, 3)
+    with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device") as caught:
+        mixed(x, cpu)
+    assert any("TorchScript" in note and "x + y" in note for note in caught.value.__notes__)
+    with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
+        module(x, cpu)
+    with pytest.raises(rrto.RemoteError, match="singular"):
+        inverse_total(x)
+    # an error an ignored Python function caught is not the cause of the script's own
+    with pytest.raises(torch.jit.Error, match="frame rejected"):
+        checked(x)
+    assert torch.equal(mixed(x, x).cpu(), torch.zeros(3, 3))  # the session goes on
+    assert torch._C.ScriptFunction.__call__ is not _SCRIPT_CALL
+
+
+_SCRIPT_CALL = torch._C.ScriptFunction.__call__
+
+
+def test_scripted_calls_are_torchs_own_after_disable(server):
+    with rrto.offload(server=server.url):
+        assert torch._C.ScriptMethod.__call__ is not _SCRIPT_METHOD_CALL
+    assert torch._C.ScriptFunction.__call__ is _SCRIPT_CALL
+    assert torch._C.ScriptMethod.__call__ is _SCRIPT_METHOD_CALL
+
+
+_SCRIPT_METHOD_CALL = torch._C.ScriptMethod.__call__
+
+
 def _torchscript(model: nn.Module, saved_on_gpu: bool = False) -> io.BytesIO:
     """``torch.jit.save(torch.jit.script(model))``; ``saved_on_gpu``: its tensors tagged "cuda:0"."""
     with warnings.catch_warnings():

@@ -21,7 +21,7 @@ import zipfile
 import torch
 
 from ..errors import UnsupportedOpError
-from .remote_tensor import RemoteTensor, is_cuda
+from .remote_tensor import DISPATCH_ERRORS, RemoteTensor, is_cuda
 
 
 def replacements(move, shortcuts: list) -> tuple[list, callable]:
@@ -37,6 +37,8 @@ def replacements(move, shortcuts: list) -> tuple[list, callable]:
         return patches, lambda: None
     script, forget = scripting_as_torchs(torch.jit.script, shortcuts)
     patches += [(torch.jit.RecursiveScriptModule, "_apply", _script_module_apply),
+                (torch._C.ScriptFunction, "__call__", script_errors_kept(torch._C.ScriptFunction.__call__)),
+                (torch._C.ScriptMethod, "__call__", script_errors_kept(torch._C.ScriptMethod.__call__)),
                 (torch.jit, "script", script), (torch.jit, "trace", _untraceable(torch.jit.trace))]
     return patches, forget
 
@@ -77,6 +79,32 @@ def scripting_as_torchs(script, wrappers: list) -> tuple[callable, callable]:
         for fn in registered:
             table.pop(id(fn), None)
     return functools.wraps(script)(script_), forget
+
+
+def script_errors_kept(call):
+    """``__call__`` of a scripted function or method that raises what rrto raised inside it.
+
+    The TorchScript interpreter reports an exception from an op on the virtual device as
+    ``RuntimeError: `` with nothing after it (``DispatchErrors``). The error rrto raised (an
+    op the server refuses, tensors on two devices, a lost link) is raised instead, the
+    TorchScript traceback added as a note, so the app sees what it would see unscripted."""
+    def call_keeping_errors(self, *args, **kwargs):
+        errors = DISPATCH_ERRORS
+        outer, errors.armed, errors.error = errors.armed, True, None
+        try:
+            return call(self, *args, **kwargs)
+        except Exception as e:  # (RuntimeError in torch 2.13; torch.jit.Error, a script's own raise, is not one)
+            lost, text = errors.error, str(e).rstrip()
+            # (only an emptied message: an error an ignored Python function caught is not this one's cause)
+            if lost is None or lost is e or not text.rsplit("\n", 1)[-1].endswith(":"):
+                raise
+            trace = text.rsplit("\n", 1)[0]
+            if hasattr(lost, "add_note"):
+                lost.add_note(f"(raised inside TorchScript) {trace}")
+            raise lost from None
+        finally:
+            errors.armed, errors.error = outer, None
+    return functools.wraps(call)(call_keeping_errors)
 
 
 def eager_compile(compile_):

@@ -7,6 +7,7 @@ CPU-only torch build. Every aten op on it goes to the runtime that made it.
 """
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import torch
@@ -20,6 +21,21 @@ class TensorMeta(NamedTuple):
     stride: tuple
     offset: int
     dtype: torch.dtype
+
+
+class DispatchErrors(threading.local):
+    """The error an op on the virtual device raised, kept while a caller listens (``armed``).
+
+    The TorchScript interpreter turns an exception raised in ``__torch_dispatch__`` into a
+    RuntimeError whose message is empty (torch's ``python_error`` is not persisted there): a
+    scripted model's caller would learn only that something failed. The calls into
+    TorchScript listen, and raise this one instead (``model_calls.script_errors_kept``).
+    """
+    armed = False
+    error: Exception | None = None
+
+
+DISPATCH_ERRORS = DispatchErrors()
 
 
 class RemoteTensor(torch.Tensor):
@@ -44,7 +60,12 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return _runtime_of(args, kwargs).call(func, args, kwargs or {})
+        try:
+            return _runtime_of(args, kwargs).call(func, args, kwargs or {})
+        except Exception as e:
+            if DISPATCH_ERRORS.armed:
+                DISPATCH_ERRORS.error = e
+            raise
 
     def __del__(self):
         rt = self.__dict__.get("_rt")
