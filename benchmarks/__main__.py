@@ -17,7 +17,7 @@ from pathlib import Path
 from .energy import PowerModel
 from .harness import MODE_ORDER, Settings, run_benchmark
 from .links import parse_link
-from .report import header, table, write_all
+from .report import report_text, write_all
 from .workloads import parse_workload
 
 QUICK = {"models": "mobilenet_v2:96", "links": "lan,fixed:100mbit,10ms", "modes": "local,eager,direct",
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     path = s.out / "results.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
-    print(header(results) + "\n\n" + table(results))
+    print(report_text(results))
     for p in write_all(results, s.out):
         print(f"wrote {p}")
     print(f"wrote {path}")

@@ -14,7 +14,7 @@ from benchmarks.energy import PowerModel, robot_energy_j
 from benchmarks.links import NetnsNetwork, parse_link, start_ready, stop
 from benchmarks.netcheck import Sink, probe
 from benchmarks.relay import Relay, Shaper
-from benchmarks.report import timeline_plot
+from benchmarks.report import targets, timeline_plot
 from benchmarks.robot import CoreSplit
 
 from .conftest import ROOT, run_rrto
@@ -125,6 +125,22 @@ def test_timeline_plot_draws_given_events(tmp_path):
         {"lane": "server compute", "start": 0.006, "end": 0.009, "label": "bands 1-3"}]}]}
     timeline_plot(results, tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes().startswith(PNG)
+
+
+def test_targets_set_replay_beside_direct_and_rpc_per_model_and_link():
+    def row(model, link, mode, ms, status="ok"):
+        return {"model": model, "link": link, "mode": mode, "status": status, "latency_ms": {"median": ms},
+                "robot_busy_ms": ms / 2}
+    results = {"results": [
+        row("net", None, "local", 9.0),
+        row("net", "lan", "rpc", 100.0), row("net", "lan", "replay", 10.8), row("net", "lan", "direct", 10.0),
+        row("net", "slow", "replay", 2.0), row("net", "slow", "direct", 1.5), row("net", "slow", "rpc", 60.0),
+        row("other", "lan", "replay", 3.0), row("other", "lan", "direct", 2.0, status="failed")]}
+    lines = targets(results).splitlines()
+    assert len(lines) == 4  # header, rule, one line per model and link with both replay and direct
+    assert lines[2] == "| net | lan | 10.8 | 10.0 | 1.08 met | 0.108 missed | 0.100 | 5.4 |"
+    assert lines[3] == "| net | slow | 2.0 | 1.5 | 1.33 missed | 0.033 met | 0.025 | 1.0 |"
+    assert targets({"results": [row("net", "lan", "replay", 1.0)]}) == ""  # nothing to set it beside
 
 
 def test_robot_and_servers_get_disjoint_cores_when_there_are_enough():
