@@ -20,6 +20,7 @@ In local mode "cuda" must become "cpu" in any call's device argument
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -44,12 +45,24 @@ def install(runtime) -> callable:
     except Exception:  # noqa: BLE001 - a Python this torch's dynamo does not support: nothing to clash with
         pass
     to = torch.Tensor.to
+    moving = threading.local()  # per thread: ``depth`` of Module._apply calls, a model's tensors moving
 
-    def upload(t: torch.Tensor, dtype, non_blocking: bool, memory_format):
+    def upload(t: torch.Tensor, dtype, non_blocking: bool, memory_format, model_state: bool = False):
         if t.requires_grad and torch.is_grad_enabled():  # let autograd record the copy
             return aten._to_copy.default(t, dtype=dtype, device=CUDA0, non_blocking=non_blocking,
                                          memory_format=memory_format)
-        return runtime.upload(t, dtype, memory_format, non_blocking)
+        return runtime.upload(t, dtype, memory_format, non_blocking,
+                              model_state=model_state or getattr(moving, "depth", 0) > 0)
+
+    def moving_model(apply):
+        """``Module._apply`` (``.cuda()``, ``.to()``) whose uploads say they are a model's state."""
+        def apply_(self, *args, **kwargs):
+            moving.depth = getattr(moving, "depth", 0) + 1
+            try:
+                return apply(self, *args, **kwargs)
+            finally:
+                moving.depth -= 1
+        return functools.wraps(apply)(apply_)
 
     def cuda(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
         if type(self) is RemoteTensor:
@@ -104,8 +117,11 @@ def install(runtime) -> callable:
                 ((torch.Tensor, "backward"), (torch.autograd, "backward"), (torch.autograd, "grad"))]
     shortcuts = [(owner, name, _shortcut(getattr(owner, name), short)) for owner, name, short in SHORTCUTS]
     patches += shortcuts
-    models, forget = model_calls.replacements(lambda t: upload(t, None, False, torch.preserve_format),
+    patches.append((torch.nn.Module, "_apply", moving_model(torch.nn.Module._apply)))
+    models, forget = model_calls.replacements(lambda t: upload(t, None, False, torch.preserve_format, True),
                                               [fn for _, _, fn in shortcuts])
+    # (a scripted model's own _apply moves its tensors too)
+    models = [(owner, name, moving_model(fn) if name == "_apply" else fn) for owner, name, fn in models]
     restore = replace_attributes(patches + models)
 
     def undo() -> None:

@@ -47,6 +47,7 @@ _META = torch.device("meta")
 _CPU_ARGS_OK = {aten.copy_.default, aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
                 aten._index_put_impl_.default}
 _MAX_PLANS = 100_000
+_MODEL_STATE = "model state"  # in an upload's key: a parameter or buffer, not an inference's input
 _NAMED_OUTPUTS = 256  # handle block for outputs only the server can size (see server MAX_NAMED_OUTPUTS)
 RECONNECT_EVERY = 0.5  # seconds between reconnection attempts after a fault
 # Threads with a replayer of their own (replay mode); more share one, as all threads did
@@ -430,8 +431,13 @@ class Runtime:
     # -- data in and out ---------------------------------------------------------------
 
     @_one_thread_at_a_time
-    def upload(self, src: torch.Tensor, dtype=None, memory_format=None, non_blocking=False) -> RemoteTensor:
-        """A CPU tensor's copy on the virtual device (``x.cuda()``, ``x.to("cuda")``)."""
+    def upload(self, src: torch.Tensor, dtype=None, memory_format=None, non_blocking=False,
+               model_state: bool = False) -> RemoteTensor:
+        """A CPU tensor's copy on the virtual device (``x.cuda()``, ``x.to("cuda")``).
+
+        ``model_state``: a model's parameter or buffer on its way (``model.cuda()``, a checkpoint
+        loaded to cuda). Its signature says so, as a Parameter's does: it never stands for an
+        inference's input, whose recorded upload matches any shape (a new resolution)."""
         self.stats.uploads += 1
         if self._fresh is not None:
             self._resume()  # an inference boundary: offload again
@@ -458,7 +464,7 @@ class Runtime:
             return out if dtype is None or dtype == out.dtype else self.call(aten._to_copy.default, (out,),
                                                                              {"dtype": dtype})
         rep, step = self.replayer, None
-        key = (PUT, meta)
+        key = (PUT, meta, _MODEL_STATE) if weight or model_state else (PUT, meta)
         value = bytes(buf) if len(buf) <= CONSTANT_BYTES else None  # (it may be a constant of the program)
         if rep is not None and rep.program is not None:
             step = rep.match_upload(key, value)

@@ -88,6 +88,12 @@ class Program:
         return sum(self.answered)
 
     @property
+    def persistent(self) -> frozenset:
+        """Handles the program reads every iteration (its ``PERSIST`` roles: parameters, buffers).
+        When one is freed the server drops the program (server/session.py)."""
+        return frozenset(r[1] for s in self.steps for r in s.roles if r[0] == PERSIST)
+
+    @property
     def uploads(self) -> int:
         """Uploads that travel each inference (not those the program holds as constants)."""
         return sum(s.kind == "put" for s in self.steps)

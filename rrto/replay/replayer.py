@@ -104,6 +104,7 @@ class Replayer:
         self._drops: frozenset | None = None
         self._drops_said = True
         self._step_of: dict = {}  # output offset of an op step -> that step
+        self._persistent: frozenset = frozenset()  # the program's persistent handles (freed: it is gone)
         self._freed = bytearray()  # per offset of this iteration: the app let go of it
         self._held = 0  # expected drops of this iteration not let go of yet
 
@@ -348,10 +349,26 @@ class Replayer:
         """The app let go of tensor ``handle`` (its free rides on the next message)."""
         o = handle - self.base
         freed = self._freed
-        if 0 <= o < len(freed) and not freed[o]:
-            freed[o] = 1
-            if self._drops and o in self._drops:
-                self._held -= 1
+        if 0 <= o < len(freed):
+            if not freed[o]:
+                freed[o] = 1
+                if self._drops and o in self._drops:
+                    self._held -= 1
+        elif handle in self._persistent:
+            self._forget_program()
+
+    def _forget_program(self) -> None:
+        """A tensor the program reads every iteration is gone (the app dropped its model): the
+        server drops the program with that free, so the robot does too, and records afresh.
+        (Runs already queued go first: the server frees after a message's runs.)"""
+        prog = self.program
+        if self.pos:
+            self._diverge(prog.steps[self.pos])
+        if self.verbose:
+            print("rrto: a tensor the replayed sequence reads was freed; recording again", file=sys.stderr, flush=True)
+        self.program, self._persistent, self.pos = None, frozenset(), 0
+        self.unstable = False
+        self.log.clear()
 
     def _still_held(self, reached: int) -> list:
         """Outputs of steps before ``reached`` the app was expected to drop and still holds."""
@@ -402,6 +419,7 @@ class Replayer:
             self.refused.add(fp)
             return
         self.program = prog
+        self._persistent = prog.persistent
         self._folded = folded_syncs(prog)
         # (a program with more than one run ahead per iteration leaves nothing out: each run
         # is settled only by the next, which the server cannot make outputs of the last again from)
