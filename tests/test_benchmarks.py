@@ -217,6 +217,20 @@ def test_quick_benchmark_writes_sane_results(tmp_path):
         assert not os.path.exists(results["robot"]["cgroup"]), "the harness left its cgroup behind"
 
 
+def test_walk_benchmark_times_replayed_frames_and_ops():
+    """``python -m benchmarks.walk`` with its embedded server: every timed frame replayed."""
+    res = subprocess.run([sys.executable, "-m", "benchmarks.walk", "--models", "mobilenet_v2:32", "--frames", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    per_op = {line.split(":")[0]: float(line.split(":")[1].split()[0]) for line in res.stdout.splitlines()
+              if line.startswith(("wrapper op", "replayed op"))}
+    assert len(per_op) == 2 and all(v > 0 for v in per_op.values()), res.stdout
+    row = next(line for line in res.stdout.splitlines() if line.startswith("| mobilenet_v2:32 |"))
+    frame_ms, ops, op_us, replayed = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert float(frame_ms) > 0 and float(ops) > 50 and float(op_us) > 0, row
+    assert replayed == "10 of 10", row
+
+
 def test_threads_benchmark_runs_two_models_at_once(tmp_path):
     """``python -m benchmarks.threads`` end to end: both models replay in their threads at once."""
     out = tmp_path / "threads.json"
