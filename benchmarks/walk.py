@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from .workloads import parse_workload
 
 DEFAULT_MODELS = "resnet18:128,mobilenet_v2:128,keypoint:128x224,scene:8x32x32"  # issue 3's benchmark
+RUNS = 5  # timed runs of each figure; the median is reported
 
 
-def thread_ms(run, frames: int, runs: int = 5) -> float:
-    """Median over ``runs`` of the calling thread's CPU milliseconds per call of ``run(i)``."""
+def thread_ms(run, frames: int) -> float:
+    """Median over ``RUNS`` runs of the calling thread's CPU milliseconds per call of ``run(i)``."""
     per = []
-    for _ in range(runs):
+    for _ in range(RUNS):
         t = time.thread_time()
         for i in range(frames):
             run(i)
@@ -84,7 +85,7 @@ def replayed_ms(spec: str, frames: int, stats) -> tuple[float, float, int]:
         frame(i)
     ops, replayed = stats.ops_intercepted, stats.replayed_inferences
     walk = thread_ms(frame, frames)
-    return walk, (stats.ops_intercepted - ops) / (5 * frames), stats.replayed_inferences - replayed
+    return walk, (stats.ops_intercepted - ops) / (RUNS * frames), stats.replayed_inferences - replayed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", help="tcp://host:port of an rrto-server (default: an embedded one)")
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated (default {DEFAULT_MODELS})")
-    p.add_argument("--frames", type=int, default=20, help="frames per timed run; 5 runs, median (default 20)")
+    p.add_argument("--frames", type=int, default=20, help=f"frames per timed run; {RUNS} runs, median (default 20)")
     ns = p.parse_args(argv)
     try:
         specs = [s for s in ns.models.split(",") if s]
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import rrto
     torch.set_num_threads(1)  # a robot's one core
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}; robot thread CPU time, median of 5 runs",
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}; robot thread CPU time, median of {RUNS} runs",
           flush=True)
     print(f"wrapper op (torch's cost for any tensor subclass): {wrapper_op_us():.2f} us", flush=True)
     rows = []
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
           "| --- | --- | --- | --- | --- |")
     for spec, walk, ops, replayed in rows:
         per_op = walk / ops * 1e3 if ops else float("nan")
-        print(f"| {spec} | {walk:.2f} | {ops:.0f} | {per_op:.1f} | {replayed} of {5 * ns.frames} |")
+        print(f"| {spec} | {walk:.2f} | {ops:.0f} | {per_op:.1f} | {replayed} of {RUNS * ns.frames} |")
     return 0
 
 
