@@ -168,6 +168,9 @@ def test_a_model_scripted_while_offloading_runs_on_the_device(remote):
         assert torch.equal(head(x.cuda(), w.cuda()).cpu(), torch.nn.functional.conv2d(x, w, padding=1).relu())
 
 
+_SCRIPT_CALL, _SCRIPT_METHOD_CALL = torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__  # torch's own
+
+
 @torch.jit.ignore
 def _tolerant(x):  # (no annotations: TorchScript takes Tensor, and cannot read them as strings)
     try:
@@ -215,17 +218,11 @@ def test_an_error_inside_torchscript_reaches_the_app_with_its_message(remote):
     assert torch._C.ScriptFunction.__call__ is not _SCRIPT_CALL
 
 
-_SCRIPT_CALL = torch._C.ScriptFunction.__call__
-
-
 def test_scripted_calls_are_torchs_own_after_disable(server):
     with rrto.offload(server=server.url):
         assert torch._C.ScriptMethod.__call__ is not _SCRIPT_METHOD_CALL
     assert torch._C.ScriptFunction.__call__ is _SCRIPT_CALL
     assert torch._C.ScriptMethod.__call__ is _SCRIPT_METHOD_CALL
-
-
-_SCRIPT_METHOD_CALL = torch._C.ScriptMethod.__call__
 
 
 def _torchscript(model: nn.Module, saved_on_gpu: bool = False) -> io.BytesIO:
