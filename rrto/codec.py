@@ -218,6 +218,19 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # -- op arguments --------------------------------------------------------------
 
+MAX_GENERATORS = 256  # cuda generators a session may hold (``{"g": n}``, n below this; 0: its default one)
+MAX_GENERATOR_STATE = 1 << 16  # bytes of a generator's state (a CPU one's is 5056, a CUDA one's 16)
+# An op reaches the robot's dispatch with a new Python object for the generator it names (the
+# C++ one is the same): the robot's stand-in for the server's generator n is seeded with this
+# plus n, which names it there.
+GENERATOR_TAG = 0x7272_746F << 32  # b"rrto"
+
+
+def generator_number(g) -> int | None:
+    """The number of the server's generator that ``g`` stands for; None: a generator of the CPU."""
+    n = g.initial_seed() - GENERATOR_TAG
+    return n if 0 <= n < MAX_GENERATORS else None
+
 def encode_value(x: Any, tensor: Callable[[torch.Tensor], dict]) -> Any:
     """JSON form of an op argument; ``tensor`` turns each tensor into its marker."""
     if x is None or type(x) in (bool, int, float, str):
@@ -240,6 +253,12 @@ def encode_value(x: Any, tensor: Callable[[torch.Tensor], dict]) -> Any:
         raise CodecError(f"layout {x} is not supported by rrto")
     if isinstance(x, complex):
         return {"c": [x.real, x.imag]}
+    if isinstance(x, torch.Generator):
+        number = generator_number(x)
+        if number is None:  # torch's own words for it on a GPU
+            raise RuntimeError(f"Expected a 'cuda' device type for generator but found '{x.device.type}' "
+                               "(rrto: make the generator with torch.Generator(device='cuda'))")
+        return {"g": number}
     if isinstance(x, bool):
         return bool(x)
     if isinstance(x, int):  # int subclasses such as IntEnum or numpy ints
@@ -250,16 +269,17 @@ def encode_value(x: Any, tensor: Callable[[torch.Tensor], dict]) -> Any:
 
 
 def decode_value(x: Any, handle: Callable[[int], Any], inline: Callable[[int], Any], device: Any,
-                 ref: Callable[[str, int], Any] | None = None) -> Any:
+                 ref: Callable[[str, int], Any] | None = None, generator: Callable[[int], Any] | None = None) -> Any:
     """Python value of an encoded op argument, resolving markers through the callbacks.
 
     ``ref`` resolves the markers of recorded programs: ``{"s": n}`` (the output of an
-    earlier step of the iteration) and ``{"x": n}`` (a tensor named at each run).
+    earlier step of the iteration) and ``{"x": n}`` (a tensor named at each run);
+    ``generator`` the session's generators, ``{"g": n}``.
     """
     if x is None or type(x) in (bool, int, float, str):
         return x
     if type(x) is list:
-        return [decode_value(y, handle, inline, device, ref) for y in x]
+        return [decode_value(y, handle, inline, device, ref, generator) for y in x]
     if type(x) is dict and len(x) == 1:
         (k, v), = x.items()
         if k == "h" and type(v) is int:
@@ -278,6 +298,8 @@ def decode_value(x: Any, handle: Callable[[int], Any], inline: Callable[[int], A
             return complex(v[0], v[1])
         if ref is not None and k in ("s", "x") and type(v) is int:
             return ref(k, v)
+        if generator is not None and k == "g" and type(v) is int:
+            return generator(v)
     raise CodecError(f"malformed argument {json.dumps(x)[:80]}")
 
 

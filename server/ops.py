@@ -243,8 +243,8 @@ class SizeCheck:
         if hit is not None:
             return hit
         margs, mkwargs = to_meta(args), {k: to_meta(v) for k, v in kwargs.items()}
-        if info.generator_arg:
-            mkwargs.pop(info.generator_arg, None)
+        if info.generator_arg in mkwargs:  # (meta kernels draw nothing; randn.generator must be given one)
+            mkwargs[info.generator_arg] = None
         inputs = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
                   for t in flat_tensors([margs, list(mkwargs.values())], [])}
         try:

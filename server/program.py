@@ -155,7 +155,7 @@ class Program:
             if not isinstance(spec, dict):
                 raise OpError(f"program step {i} is not an object")
             kind = spec.get("t")
-            if kind not in ("op", "put", "get", "sync", "seed", "shaped"):
+            if kind not in ("op", "put", "get", "sync", "seed", "rng", "shaped"):
                 raise OpError(f"program step {i} has unknown kind {str(kind)[:20]!r}")
             kinds.append(kind)
             if kind == "op" or (kind == "shaped" and "op" in spec):
@@ -566,8 +566,8 @@ def _decode_step(i: int, spec: dict, session, consts: list, persistent: set) -> 
             raise OpError(f"program step {i}: bad tensor reference")
         return _Fill(kind, n)
 
-    args = codec.decode_value(a, handle, const, session.device, ref)
-    kwargs = {key: codec.decode_value(v, handle, const, session.device, ref) for key, v in k.items()}
+    args = codec.decode_value(a, handle, const, session.device, ref, session.generator_of)
+    kwargs = {key: codec.decode_value(v, handle, const, session.device, ref, session.generator_of) for key, v in k.items()}
     return ProgramStep(spec["t"], info, args, kwargs, outs, _written(info), ob)
 
 

@@ -53,8 +53,9 @@ class Session:
         self.live_bytes = 0
         self.error: tuple[str, str] | None = None
         self.last_seen = time.monotonic()
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator(device=device)  # the session's default one: ops that name none draw here
         self.generator.manual_seed(CUDA_DEFAULT_SEED)
+        self.generators: dict[int, torch.Generator] = {0: self.generator}  # the robot's torch.Generator("cuda")s
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.pending_bytes = 0
         self._pending_lock = threading.Lock()
@@ -206,10 +207,12 @@ class Session:
             return {}, []
         if t == "seed":
             seed = h.get("seed")
-            if type(seed) is not int:
-                raise OpError("seed must be an integer")
-            self.generator.manual_seed(seed)
+            if type(seed) is not int or not 0 <= seed < 1 << 64:
+                raise OpError("seed must be an integer in [0, 2**64)")
+            self.generator_of(h.get("g", 0)).manual_seed(seed)
             return {}, []
+        if t == "rng":
+            return self._generator_state(h, frames)
         if t == "mem":
             return {"allocated": self.live_bytes, "limit": self.limits.max_session_bytes}, []
         if t == "times":
@@ -265,8 +268,9 @@ class Session:
         a, k = h.get("a", []), h.get("k", {})
         if not isinstance(a, list) or not isinstance(k, dict):
             raise OpError("op arguments must be a list 'a' and an object 'k'")
-        args = codec.decode_value(a, self.tensor, inline, self.device)
-        kwargs = {key: codec.decode_value(v, self.tensor, inline, self.device) for key, v in k.items()}
+        args = codec.decode_value(a, self.tensor, inline, self.device, None, self.generator_of)
+        kwargs = {key: codec.decode_value(v, self.tensor, inline, self.device, None, self.generator_of)
+                  for key, v in k.items()}
         result, outs, inputs = self.execute(info, args, kwargs, h.get("o", []), h.get("ob"))
         if "q" not in h:
             return {}, []
@@ -471,6 +475,32 @@ class Session:
 
     def free_handles(self, handles: list) -> None:
         self._free(handles)
+
+    def generator_of(self, number) -> torch.Generator:
+        """The session's generator ``number`` (made, seeded as torch seeds a new one, when first named)."""
+        if type(number) is not int or not 0 <= number < codec.MAX_GENERATORS:
+            raise OpError(f"a generator number is an integer in [0, {codec.MAX_GENERATORS}), not {str(number)[:20]}")
+        g = self.generators.get(number)
+        if g is None:
+            g = self.generators[number] = torch.Generator(device=self.device)
+            g.manual_seed(CUDA_DEFAULT_SEED)
+        return g
+
+    def _generator_state(self, h: dict, frames: list) -> tuple[dict, list]:
+        """``rng``: a generator's state as a uint8 tensor, or (``d`` and one frame) set it."""
+        g = self.generator_of(h.get("g"))
+        if "d" not in h:
+            return self.download(g.get_state(), private=True)
+        if len(frames) != 1:
+            raise OpError("a generator's new state comes as one frame")
+        state = codec.frame_tensor(h["d"], frames[0], codec.MAX_GENERATOR_STATE)
+        if state.dtype != torch.uint8 or state.dim() != 1:
+            raise OpError(f"a generator's state is a 1-D uint8 tensor, not {list(state.shape)} {state.dtype}")
+        try:
+            g.set_state(state)
+        except RuntimeError as e:  # (the wrong size for this server's kind of generator)
+            raise OpError(f"this server's generator does not take that state: {e}") from None
+        return {}, []
 
     def _inject_generator(self, info: OpInfo, args: list, kwargs: dict) -> None:
         for i, a in enumerate(info.op._schema.arguments):

@@ -628,3 +628,98 @@ def test_confirmed_replay_without_running_ahead(server, monkeypatch):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
     assert replayed_between(replayed, 5, 12) == 7, replayed
     assert s["answered_ahead"] == 0 and s["messages_per_replayed_inference"] == 3, s
+
+
+# -- random number generators: the app's own torch.Generator("cuda") -----------------
+
+def _generator_loop(server_url: str | None, scenario: str, frames: int = 12):
+    """A diffusion-like policy on the robot: noise drawn each denoising step from the app's
+    generator. ``server_url`` None: local mode (the CPU generator, seeded the same)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    obs = [torch.randn(1, 4, generator=torch.Generator().manual_seed(i)) for i in range(frames)]
+
+    def sample(n, o, g):
+        x = torch.randn(1, 4, device="cuda", generator=g)
+        for _ in range(3):
+            x = x - 0.1 * n(torch.cat([x, o], 1)) + 0.05 * torch.randn(x.shape, device="cuda", generator=g)
+        return x
+
+    rrto.enable(server=server_url, mode="local" if server_url is None else "replay", timeout=20, progress=False)
+    try:
+        n, out, states = copy.deepcopy(net).cuda(), [], []
+        g = torch.Generator(device="cuda").manual_seed(7)
+        assert isinstance(g, torch.Generator) and g.device == torch.device("cuda", 0)
+        assert isinstance(torch.Generator(), torch.Generator)  # the CPU's is torch's own
+        with torch.no_grad():
+            for o in obs:
+                if scenario == "made each frame":
+                    out.append(sample(n, o.cuda(), torch.Generator("cuda").manual_seed(3)).cpu())
+                elif scenario == "state read mid-frame":
+                    x = sample(n, o.cuda(), g)
+                    states.append(g.get_state().clone())  # the server ran the frame ahead: it stops here
+                    out.append((x + torch.randn(1, 4, device="cuda", generator=g)).cpu())
+                elif scenario == "fork_rng":
+                    x = o.cuda()
+                    with torch.random.fork_rng(devices=[0], device_type="cuda"):
+                        noise = torch.randn(1, 4, device="cuda")
+                    after = torch.randn(1, 4, device="cuda")  # the state was put back: the same numbers
+                    out.append(torch.cat([noise, after, n(torch.cat([x + noise, x], 1))]).cpu())
+                else:
+                    out.append(sample(n, o.cuda(), g).cpu())
+        return out, states, None if server_url is None else rrto.current().stats.snapshot()
+    finally:
+        rrto.disable()
+
+
+@pytest.mark.parametrize("scenario", ["made once", "made each frame", "state read mid-frame"])
+def test_an_apps_cuda_generator_draws_the_servers_numbers_and_replays(server, scenario):
+    """A CPU server's generator is torch's CPU one: seeded alike, it draws what local mode draws."""
+    local, local_states, _ = _generator_loop(None, scenario)
+    replayed, states, s = _generator_loop(server.url, scenario)
+    assert_same(local, replayed)
+    assert len(states) == len(local_states) and all(torch.equal(a, b) for a, b in zip(local_states, states))
+    assert s["replay_divergences"] == 0, s
+    assert s["replayed_inferences"] >= (3 if scenario == "made each frame" else 10), s
+
+
+def test_fork_rng_puts_the_servers_generator_state_back_and_replays(server):
+    replayed, _, s = _generator_loop(server.url, "fork_rng")
+    for frame in replayed:
+        assert torch.equal(frame[0], frame[1])  # what fork_rng drew is drawn again after it
+    assert not torch.equal(replayed[0][0], replayed[1][0])  # (the draw after it moved the stream on)
+    assert s["replayed_inferences"] >= 10 and s["replay_divergences"] == 0, s
+
+
+def test_a_seed_in_the_middle_of_a_replayed_frame(server):
+    """A seed after ops the server ran ahead: the ops after it go as runs of their own (before,
+    the settlement of the run ahead ran them a second time: 'handle ... already in use')."""
+    net = TinyNet().eval()
+    xs = frames_of(16, 12)
+
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"] = copy.deepcopy(net).to(dev)
+        with torch.no_grad():
+            f = st["net"](xs[i].to(dev))
+            torch.cuda.manual_seed(5)
+            return (f + torch.rand(f.shape, device=dev)).cpu()
+
+    def run(mode):
+        rrto.enable(server=server.url, mode=mode, timeout=20, progress=False)
+        try:
+            st = {}
+            return [step(i, "cuda", st) for i in range(12)], rrto.current().stats.snapshot()
+        finally:
+            rrto.disable()
+
+    eager, _ = run("eager")
+    replayed, s = run("replay")
+    assert_same(eager, replayed)
+    assert s["replayed_inferences"] >= 8 and s["replay_divergences"] == 0, s
+
+
+def test_a_cpu_generator_given_to_a_cuda_op_is_torchs_error(remote):
+    with pytest.raises(RuntimeError, match="Expected a 'cuda' device type for generator but found 'cpu'"):
+        torch.randn(3, device="cuda", generator=torch.Generator().manual_seed(0))
+    assert torch.randn(3, device="cuda", generator=torch.Generator("cuda")).cpu().shape == (3,)  # still serving

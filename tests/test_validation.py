@@ -225,3 +225,32 @@ def test_meta_kernels_the_server_adds_size_outputs_as_the_ops_make_them():
     finally:
         if lib is not None:
             lib._destroy()
+
+
+def test_generator_numbers_and_states_are_checked(client):
+    """``{"g": n}`` names one of the session's generators, up to codec.MAX_GENERATORS; a state
+    set must be a uint8 tensor of the size this server's generators take."""
+    bad = [({"t": "seed", "seed": 1, "g": codec.MAX_GENERATORS}, [], "generator number"),
+           ({"t": "seed", "seed": -1}, [], "seed must be"),
+           ({"t": "rng", "g": "0"}, [], "generator number"),
+           ({"t": "op", "op": "aten::randn.generator", "a": [[3]], "k": {"generator": {"g": 10 ** 6}}, "o": [1]}, [],
+            "generator number")]
+    state = torch.zeros(7, dtype=torch.uint8)
+    desc, buf, _ = codec.tensor_frame(state)
+    bad.append(({"t": "rng", "g": 1, "d": desc}, [buf], "does not take that state"))
+    desc, buf, _ = codec.tensor_frame(torch.zeros(2, dtype=torch.float32))
+    bad.append(({"t": "rng", "g": 1, "d": desc}, [buf], "1-D uint8"))
+    for header, frames, words in bad:
+        r = client.request(header, frames)
+        assert r["t"] == "err" and words in r["msg"], (header, r)
+        good_request_works(client, 10)
+    # a generator's state read, set back, and the same numbers drawn again
+    client.request({"t": "seed", "seed": 3, "g": 2})
+    r = client.request({"t": "rng", "g": 2})
+    saved = codec.frame_tensor(r["d"], client.frames[0], codec.MAX_GENERATOR_STATE).clone()
+    draw = {"t": "op", "op": "aten::randn.generator", "a": [[4]], "k": {"generator": {"g": 2}}}
+    client.request({**draw, "o": [20]})
+    desc, buf, _ = codec.tensor_frame(saved)
+    assert client.request({"t": "rng", "g": 2, "d": desc}, [buf]).get("t") != "err"
+    client.request({**draw, "o": [21]})
+    assert torch.equal(get(client, 20), get(client, 21))

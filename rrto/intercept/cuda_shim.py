@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
+from . import generators
 from .device_calls import replace_attributes
 
 
@@ -134,4 +135,4 @@ def install(runtime, info: dict) -> callable:
         "stream": lambda stream=None: contextlib.nullcontext(stream),
         "device": device,
     }
-    return replace_attributes([(torch.cuda, name, fn) for name, fn in patches.items()])
+    return replace_attributes([(torch.cuda, name, fn) for name, fn in patches.items()] + generators.replacements(runtime))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .generators import GeneratorRef
 from .remote_tensor import RemoteTensor, TensorMeta
 
 MAX_DEPTH = 256  # ops between a tensor and known values before its value is fetched (memory stays flat)
@@ -272,6 +273,8 @@ def _fill(x, it):
         return [_fill(y, it) for y in x]
     if t is torch.device and x.type == "cuda":
         return _CPU
+    if t is GeneratorRef:
+        return x.generator
     return x
 
 

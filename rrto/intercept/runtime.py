@@ -33,12 +33,13 @@ import torch
 from .. import codec
 from ..config import Config
 from ..errors import LinkError, RemoteError, RrtoError, UnsupportedOpError
-from ..record import CONSTANT_BYTES, GET, OP, PUT, SEED, SYNC, Event, name_key
+from ..record import CONSTANT_BYTES, GET, OP, PUT, RNG, SEED, SYNC, Event, name_key
 from ..replay.replayer import Replayer, Shared, cpu_bytes
 from ..replay.streamer import EagerStreamer
 from ..stats import Stats
 from ..transport import HOLD, Link
 from . import lineage
+from .generators import GeneratorRef
 from .remote_tensor import RemoteTensor, TensorMeta, remote, set_meta
 
 aten = torch.ops.aten
@@ -384,6 +385,9 @@ class Runtime:
             if type(t) is not RemoteTensor and t.dim() > 0 and func not in _CPU_ARGS_OK:
                 raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
                                    f"devices, cuda:0 and {t.device}! (in {name})")
+        gen = kwargs.get("generator")
+        if gen is not None and codec.generator_number(gen) is None:
+            codec.encode_value(gen, None)  # (raises torch's error: a CPU generator given to a cuda op)
         uploads = sum(type(t) is not RemoteTensor for t in tensors)
         metas: list = []
         margs = _to_meta(args, metas)
@@ -587,16 +591,20 @@ class Runtime:
             self._print_progress()
 
     @_one_thread_at_a_time
-    def seed(self, seed: int) -> None:
+    def seed(self, seed: int, generator: int = 0) -> None:
+        """Seed the server's generator ``generator`` of this session (0: its default one)."""
         seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
         if self.lost:
             return  # ops run here now, on the robot's own generator
         rep, step = self.replayer, None
-        key = (SEED, seed)
+        key = (SEED, seed, generator) if generator else (SEED, seed)
         if rep is not None and rep.program is not None:
             step = rep.match(SEED, key, [])
         try:
-            self.streamer.notify("seed", seed=seed)
+            if generator:
+                self.streamer.notify("seed", seed=seed, g=generator)
+            else:
+                self.streamer.notify("seed", seed=seed)
         except LinkError as e:
             self._lose(e)
             return
@@ -605,6 +613,40 @@ class Runtime:
                 rep.record(Event(SEED, name_key(SEED), key))
             elif rep.unstable:
                 rep.log_replayed(step, key, [], ())
+
+    @_one_thread_at_a_time
+    def generator_state(self, generator: int, new_state: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The state of the server's generator ``generator`` (a CPU uint8 tensor), or set it to
+        ``new_state``; None while the server is lost (the robot's stand-in holds the state then).
+
+        A message of its own at its place in the sequence, in a replayed frame too: the server
+        does not run ahead past it, so the state is the one after the app's ops before it."""
+        if self.lost:
+            return None
+        if self._several and self._shared.flying:
+            while self._keep_threads_in_order(True, []):
+                pass  # (it waited for another thread, which may have lost the server meanwhile)
+        rep, step = self.replayer, None
+        key = (RNG, generator, new_state is None)
+        if rep is not None and rep.program is not None:
+            step = rep.match(RNG, key, [])
+        fields, frames = {"g": generator}, []
+        if new_state is not None:
+            desc, buf, _ = codec.tensor_frame(new_state.contiguous())
+            fields["d"], frames = desc, [buf]
+        try:
+            reply, got = self.streamer.exchange("rng", frames, **fields)
+        except LinkError as e:
+            self._lose(e)
+            return None
+        if rep is not None:
+            if step is None:
+                rep.record(Event(RNG, name_key(RNG), key))
+            elif rep.unstable:
+                rep.log_replayed(step, key, [], ())
+        if new_state is not None:
+            return new_state
+        return codec.frame_tensor(reply["d"], got[0], max_bytes=codec.MAX_GENERATOR_STATE)
 
     def _answered_ahead(self, what: str) -> tuple[dict, list] | None:
         """The server's answer to the wait just matched, if it ran ahead to it; None: ask for it."""
@@ -1079,6 +1121,8 @@ def _sig(x, tensors: list, kinds: list):
     if isinstance(x, torch.Tensor):
         tensors.append(x)
         return ("cpu", x.device, tuple(x.shape), x.stride(), x.storage_offset(), x.dtype)
+    if isinstance(x, torch.Generator):
+        return GeneratorRef(x)
     return x
 
 

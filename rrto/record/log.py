@@ -11,7 +11,8 @@ from typing import Any
 
 import xxhash
 
-OP, PUT, GET, SYNC, SEED = "op", "put", "get", "sync", "seed"
+OP, PUT, GET, SYNC, SEED, RNG = "op", "put", "get", "sync", "seed", "rng"  # RNG: a generator's state read or set
+HOLES = frozenset((PUT, SEED, RNG))  # a program step that is a message of its own: a run ahead stops before it
 CONSTANT_BYTES = 256  # uploads up to this size may become constants of a program (and CPU tensors op arguments)
 SYNC_KINDS = frozenset((GET, SYNC))  # the robot waits for the server here (so do server-shaped ops)
 _name_keys: dict[str, int] = {}

@@ -18,8 +18,9 @@ a small upload whose bytes were the same in every recorded iteration, ``torch.te
 device="cuda")`` or a normalisation constant made each frame, is one too: the server
 makes it from the program's copy, and the robot checks the bytes against ``value``),
 ``shaped`` (an op whose output shapes only the server knows: the robot waits for them;
-its outputs are named ``base + ob + j`` all the same), ``put``, ``get``, ``sync``, ``seed``
-(their own messages, sent when the app reaches them, unless the server ran ahead).
+its outputs are named ``base + ob + j`` all the same), ``put``, ``get``, ``sync``, ``seed``,
+``rng`` (a generator's state read or set) (their own messages, sent when the app reaches
+them, unless the server ran ahead; a run ahead stops before the holes: put, seed, rng).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import codec
+from .log import HOLES
 
 IN, PERSIST, EXT, CPU = range(4)
 _T = "T"  # an erased tensor in a key
@@ -64,13 +66,13 @@ class Program:
         return len(self.steps)
 
     def ahead_span(self, a: int) -> tuple[int, list[int]]:
-        """``(b, waits)``: a run ahead from step ``a`` stops at the next upload or seed, ``b``;
+        """``(b, waits)``: a run ahead from step ``a`` stops at the next hole (upload, seed, rng), ``b``;
         ``waits`` are the steps in ``[a, b)`` the robot waits at. Asked at every inference's
         upload: two scans of the steps were a third of the robot's time before its upload left."""
         span = self._spans.get(a)
         if span is None:
             steps = self.steps
-            b = next((i for i in range(a, len(steps)) if steps[i].kind in ("put", "seed")), len(steps))
+            b = next((i for i in range(a, len(steps)) if steps[i].kind in HOLES), len(steps))
             answered = self.answered
             span = self._spans[a] = (b, [i for i in range(a, b) if answered[i]])
         return span

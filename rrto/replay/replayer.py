@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..record import CONSTANT_BYTES, CPU, EXT, IN, PERSIST, Event, OpLog, Program, SequenceSearch, Step, erase
+from ..record import CONSTANT_BYTES, CPU, EXT, HOLES, IN, PERSIST, RNG, SEED, Event, OpLog, Program, SequenceSearch, Step, erase
 from ..stats import Stats
 
 _STEP_MESSAGES = frozenset(("put", "get", "sync", "op", "free"))  # ("free": lop's message after its bands)
@@ -167,7 +167,7 @@ class Replayer:
                 run[3] = pos + 1
                 if slots:
                     run[4] += slots
-        elif self._reply_numbers is not None and not self._no_ahead and kind != "seed":
+        elif self._reply_numbers is not None and not self._no_ahead and kind not in (SEED, RNG):
             self._ask = pos
         self._last = pos
         self.pos = pos + 1
@@ -236,7 +236,8 @@ class Replayer:
         if self._ahead[1]:
             if self._settle is None:
                 self.shared.settling.append(self)
-            self._settle = [self.program.pid, self.base, reached, list(self._slots)]
+            # (past the end of the run ahead, a hole: the robot sent the steps after it in runs of its own)
+            self._settle = [self.program.pid, self.base, min(reached, self._ahead[1]), list(self._slots)]
             self.shared.flying.discard(self)
             held = self._still_held(reached)
             if held:
@@ -423,7 +424,7 @@ class Replayer:
         self._folded = folded_syncs(prog)
         # (a program with more than one run ahead per iteration leaves nothing out: each run
         # is settled only by the next, which the server cannot make outputs of the last again from)
-        one_run = sum(st.kind in ("put", "seed") for st in prog.steps) == 1
+        one_run = sum(st.kind in HOLES for st in prog.steps) == 1
         self._step_of = {o: i for i, st in enumerate(prog.steps) if st.kind == "op" and one_run
                          for o in st.out_offsets if o is not None}
         self._drops, self._drops_said, self._freed, self._held = None, True, bytearray(), 0

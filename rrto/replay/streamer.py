@@ -86,6 +86,12 @@ class EagerStreamer:
         self._attach_frees(header)
         return self.link.request(header, what=f"the '{kind}' reply", aside=aside)[0]
 
+    def exchange(self, kind: str, frames: list, aside=HOLD, **fields) -> tuple[dict, list]:
+        """A request with frames, whose reply has frames too (``rng``): (reply, frames)."""
+        header = {"t": kind, **fields}
+        self._attach_frees(header)
+        return self.link.request(header, frames, what=f"the '{kind}' reply", aside=aside)
+
     def notify(self, kind: str, **fields) -> None:
         """A small message that needs no reply (``seed``)."""
         header = {"t": kind, **fields}
