@@ -231,6 +231,16 @@ def generator_number(g) -> int | None:
     n = g.initial_seed() - GENERATOR_TAG
     return n if 0 <= n < MAX_GENERATORS else None
 
+
+def generator_marker(g) -> dict:
+    """``{"g": n}`` for a cuda generator; a CPU one given to a cuda op gets torch's own error."""
+    number = generator_number(g)
+    if number is None:
+        raise RuntimeError(f"Expected a 'cuda' device type for generator but found '{g.device.type}' "
+                           "(rrto: make the generator with torch.Generator(device='cuda'))")
+    return {"g": number}
+
+
 def encode_value(x: Any, tensor: Callable[[torch.Tensor], dict]) -> Any:
     """JSON form of an op argument; ``tensor`` turns each tensor into its marker."""
     if x is None or type(x) in (bool, int, float, str):
@@ -254,11 +264,7 @@ def encode_value(x: Any, tensor: Callable[[torch.Tensor], dict]) -> Any:
     if isinstance(x, complex):
         return {"c": [x.real, x.imag]}
     if isinstance(x, torch.Generator):
-        number = generator_number(x)
-        if number is None:  # torch's own words for it on a GPU
-            raise RuntimeError(f"Expected a 'cuda' device type for generator but found '{x.device.type}' "
-                               "(rrto: make the generator with torch.Generator(device='cuda'))")
-        return {"g": number}
+        return generator_marker(x)
     if isinstance(x, bool):
         return bool(x)
     if isinstance(x, int):  # int subclasses such as IntEnum or numpy ints

@@ -385,9 +385,8 @@ class Runtime:
             if type(t) is not RemoteTensor and t.dim() > 0 and func not in _CPU_ARGS_OK:
                 raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
                                    f"devices, cuda:0 and {t.device}! (in {name})")
-        gen = kwargs.get("generator")
-        if gen is not None and codec.generator_number(gen) is None:
-            codec.encode_value(gen, None)  # (raises torch's error: a CPU generator given to a cuda op)
+        if kwargs.get("generator") is not None:
+            codec.generator_marker(kwargs["generator"])  # (a CPU one raises here, before any output is made)
         uploads = sum(type(t) is not RemoteTensor for t in tensors)
         metas: list = []
         margs = _to_meta(args, metas)
@@ -601,10 +600,7 @@ class Runtime:
         if rep is not None and rep.program is not None:
             step = rep.match(SEED, key, [])
         try:
-            if generator:
-                self.streamer.notify("seed", seed=seed, g=generator)
-            else:
-                self.streamer.notify("seed", seed=seed)
+            self.streamer.notify("seed", seed=seed, **({"g": generator} if generator else {}))
         except LinkError as e:
             self._lose(e)
             return

@@ -82,9 +82,7 @@ class EagerStreamer:
 
     def request(self, kind: str, aside=HOLD, **fields) -> dict:
         """A small request the robot waits for (``sync``, ``mem``, ``bye``)."""
-        header = {"t": kind, **fields}
-        self._attach_frees(header)
-        return self.link.request(header, what=f"the '{kind}' reply", aside=aside)[0]
+        return self.exchange(kind, [], aside, **fields)[0]
 
     def exchange(self, kind: str, frames: list, aside=HOLD, **fields) -> tuple[dict, list]:
         """A request with frames, whose reply has frames too (``rng``): (reply, frames)."""
