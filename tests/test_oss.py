@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rrto.intercept.remote_tensor import TensorMeta
-from rrto.record import EXT, GET, IN, OP, PERSIST, PUT, Event, OpLog, SequenceSearch, name_key
+from rrto.record import EXT, GET, IN, MODEL_STATE, OP, PERSIST, PUT, Event, OpLog, SequenceSearch, name_key
 from rrto.record.program import erase
 
 WEIGHTS = {"conv": 1001, "fc": 1002}  # persistent handles (uploaded long before)
@@ -24,12 +24,13 @@ class Robot:
         self.log = OpLog()
         self.handles = itertools.count(1)
 
-    def put(self, shape=(1, 3, 8, 8), value: bytes | None = None) -> int:
+    def put(self, shape=(1, 3, 8, 8), value: bytes | None = None, model_state: bool = False) -> int:
         """An upload; ``value``: its bytes, as the runtime keeps them for a small one."""
         h = next(self.handles)
         small = {} if value is None else {"wire": {"in": [{"dt": "f32", "sh": list(shape), "st": [1] * len(shape)}]},
                                           "frames": (value,)}
-        self.log.append(Event(PUT, name_key(PUT), (PUT, meta(shape)), outs=(h,), **small))
+        key = (PUT, meta(shape), MODEL_STATE) if model_state else (PUT, meta(shape))
+        self.log.append(Event(PUT, name_key(PUT), key, outs=(h,), **small))
         return h
 
     def op(self, name: str, *args: int, scalar=1, shape=(1, 4, 8, 8), shaped=False) -> int:
@@ -229,3 +230,33 @@ def test_the_program_starts_at_the_upload_that_is_not_a_constant():
     prog = found(r)
     assert [s.kind for s in prog.steps] == ["put", "op", "get", "op"]
     assert prog.steps[3].value == b"\x01" * 12
+
+
+def test_a_model_called_twice_on_one_upload_is_found_as_the_whole_frame():
+    r = Robot()
+    w = r.op("detach", r.put((4, 3, 3, 3), model_state=True))  # model.cuda(): uploaded, then detached
+
+    def frame():
+        y = r.op("mul", r.put(), shape=(1, 3, 8, 8))
+        for _ in range(2):  # each call reads this frame's y, as if it were a weight
+            r.get(r.op("linear", r.op("conv", y, w)))
+        return y
+
+    y = frame()
+    short = found(r)  # one call repeated: all there is to go on yet
+    assert len(short) == 3 and short.young == {y} and short.uploads == 0
+    assert short.steps[0].roles == ((PERSIST, y), (PERSIST, w))
+    frame()
+    whole = found(r)
+    assert [s.kind for s in whole.steps] == ["put", "op"] + ["op", "op", "get"] * 2
+    assert whole.young == frozenset() and whole.steps[2].roles[1] == (PERSIST, w)
+
+
+def test_a_tensor_made_by_the_app_before_its_loop_is_young_but_adopted():
+    r = Robot()
+    m = r.put((3,))  # torch.tensor(mean, device="cuda") before the loop
+    w = r.op("detach", r.put((4, 3, 3, 3), model_state=True))
+    for _ in range(2):
+        r.get(r.op("conv", r.op("sub", r.put(), m, shape=(1, 3, 8, 8)), w))
+    prog = found(r)
+    assert [s.kind for s in prog.steps] == ["put", "op", "op", "get"] and prog.young == {m}

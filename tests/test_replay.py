@@ -318,6 +318,27 @@ def test_two_uploads_item_in_the_middle_and_a_dict_output(server):
     assert s["messages_per_replayed_inference"] <= s["sequence_uploads"] + s["sequence_waits"], s
 
 
+@pytest.mark.parametrize("calls", [2, 3])
+def test_a_model_called_several_times_on_one_upload_replays_the_whole_frame(server, calls):
+    """Each call ends on a download, and each looks like an inference of its own reading a
+    persistent input. The frame (the upload and every call) is the sequence: one message."""
+    xs = frames_of(16, 14)
+
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"] = TinyNet().eval().to(dev)
+        with torch.no_grad():
+            x = xs[i].to(dev) * 2 - 1
+            return torch.cat([st["net"](x).cpu() for _ in range(calls)])
+
+    local, _ = run_loop(step, 14, None)
+    remote, (replayed, s) = run_loop(step, 14, server.url)
+    assert_same(local, remote)
+    assert s["sequence_uploads"] == 1 and s["sequence_waits"] == calls, s
+    assert replayed_between(replayed, 5, 14) == 9, replayed
+    assert s["messages_per_replayed_inference"] == 1 and s["replay_divergences"] == 0, s
+
+
 def _normalised(xs, std_of):
     """An app that makes its constants on the device every frame (``std_of(i)``: frame i's std)."""
     def step(i, dev, st):

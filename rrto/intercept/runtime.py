@@ -33,7 +33,7 @@ import torch
 from .. import codec
 from ..config import Config
 from ..errors import LinkError, RemoteError, RrtoError, UnsupportedOpError
-from ..record import CONSTANT_BYTES, GET, OP, PUT, RNG, SEED, SYNC, Event, name_key
+from ..record import CONSTANT_BYTES, GET, MODEL_STATE, OP, PUT, RNG, SEED, SYNC, Event, name_key
 from ..replay.replayer import Replayer, Shared, cpu_bytes
 from ..replay.streamer import EagerStreamer
 from ..stats import Stats
@@ -48,7 +48,6 @@ _META = torch.device("meta")
 _CPU_ARGS_OK = {aten.copy_.default, aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
                 aten._index_put_impl_.default}
 _MAX_PLANS = 100_000
-_MODEL_STATE = "model state"  # in an upload's key: a parameter or buffer, not an inference's input
 _NAMED_OUTPUTS = 256  # handle block for outputs only the server can size (see server MAX_NAMED_OUTPUTS)
 RECONNECT_EVERY = 0.5  # seconds between reconnection attempts after a fault
 # Threads with a replayer of their own (replay mode); more share one, as all threads did
@@ -467,7 +466,7 @@ class Runtime:
             return out if dtype is None or dtype == out.dtype else self.call(aten._to_copy.default, (out,),
                                                                              {"dtype": dtype})
         rep, step = self.replayer, None
-        key = (PUT, meta, _MODEL_STATE) if weight or model_state else (PUT, meta)
+        key = (PUT, meta, MODEL_STATE) if weight or model_state else (PUT, meta)
         value = bytes(buf) if len(buf) <= CONSTANT_BYTES else None  # (it may be a constant of the program)
         if rep is not None and rep.program is not None:
             step = rep.match_upload(key, value)

@@ -15,6 +15,7 @@ OP, PUT, GET, SYNC, SEED, RNG = "op", "put", "get", "sync", "seed", "rng"  # RNG
 HOLES = frozenset((PUT, SEED, RNG))  # a program step that is a message of its own: a run ahead stops before it
 CONSTANT_BYTES = 256  # uploads up to this size may become constants of a program (and CPU tensors op arguments)
 SYNC_KINDS = frozenset((GET, SYNC))  # the robot waits for the server here (so do server-shaped ops)
+MODEL_STATE = "model state"  # ends an upload's key: a parameter or buffer, not an inference's input
 _name_keys: dict[str, int] = {}
 
 

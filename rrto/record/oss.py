@@ -21,7 +21,7 @@ inference, when there is one.
 """
 from __future__ import annotations
 
-from .log import PUT, OpLog
+from .log import MODEL_STATE, PUT, OpLog
 from .program import CPU, EXT, IN, PERSIST, Program, Step, erase, pattern_of
 
 _IN, _OUT = "in", "ext"
@@ -36,22 +36,38 @@ class SequenceSearch:
         self.varying: set = set()  # keys of small uploads seen to change: never constants
 
     def find(self, log: OpLog) -> Program | None:
-        """The program whose last ``repeats`` iterations end the log, or None."""
+        """The program whose last ``repeats`` iterations end the log, or None.
+
+        A period that reads the same tensor each time, one the app made inside the log (not a
+        model's weights), may be one of several calls of a model on this frame's input: the
+        longer period in which that tensor is made, if it repeated too, is the inference. Without
+        one the short period is given, its ``young`` handles named (a constant made just before
+        the loop, a prompt, or the frame not repeated yet: the replayer keeps recording).
+        """
         keys, k = log.nkeys, self.repeats
         n = len(keys)
         if n < 2 * k:
             return None
         last = keys[-1]
         longest = min(self.max_period, n // k)
-        for L in range(1, longest + 1):
-            if keys[n - 1 - L] != last:
-                continue
-            if keys[n - k * L:n - L] != keys[n - (k - 1) * L:n]:  # level 1
+        short = None
+        L = 1
+        while L <= longest:
+            if keys[n - 1 - L] != last or keys[n - k * L:n - L] != keys[n - (k - 1) * L:n]:  # level 1
+                L += 1
                 continue
             confirmed = self._confirm(log, L)  # level 2
-            if confirmed is not None and any(log.at(log.end - L + o).kind == "op" for o in range(L)):
+            if confirmed is None or not any(log.at(log.end - L + o).kind == "op" for o in range(L)):
+                L += 1
+                continue
+            young = _young(log, confirmed[0])
+            if not young:
                 return _build(log, L, *confirmed)
-        return None
+            if short is None:
+                short = _build(log, L, *confirmed)
+                short.young = frozenset(young)
+            L = max(L + 1, log.end - min(young.values()))  # a period that holds their making
+        return short
 
     def _confirm(self, log: OpLog, L: int) -> tuple[list, set, dict] | None:
         """(per step: the roles of its tensor arguments; the steps that are constant uploads;
@@ -100,6 +116,34 @@ class SequenceSearch:
                 constants.add(o)
             roles.append(step)
         return roles, constants, carried
+
+
+def _young(log: OpLog, roles: list) -> dict:
+    """``handle -> index of the event that made it`` for the period's persistent tensors made
+    inside the log from what the app made, not only from a model's upload (``.cuda()``, a
+    checkpoint: moving a model detaches and converts its tensors)."""
+    return {r[1]: log.producer[r[1]][0] for step in roles for r in step
+            if r[0] == PERSIST and _made_by_the_app(log, r[1])}
+
+
+def _made_by_the_app(log: OpLog, h: int) -> bool:
+    todo, seen = [h], set()
+    while todo:
+        a = todo.pop()
+        p = log.producer.get(a)
+        if p is None or a in seen:
+            continue  # (made before the log: old enough)
+        seen.add(a)
+        ev = log.at(p[0])
+        if ev.kind == PUT:
+            if ev.key[-1] != MODEL_STATE:
+                return True
+            continue
+        made = [b for b in ev.handles if b is not None and b in log.producer]
+        if not made:
+            return True  # a factory (torch.zeros(..., device="cuda")), or from old tensors
+        todo += made
+    return False
 
 
 def _made_in_the_period_before(log: OpLog, h: int, start: int, L: int) -> tuple | None:

@@ -59,6 +59,9 @@ class Program:
     # slot -> the output offset, in the previous iteration, of the tensor the app passes there
     # each time (recurrent state): the robot can name it before the app does, at the upload
     carried: dict = field(default_factory=dict)
+    # persistent handles the app made shortly before (not weights): perhaps this frame's input
+    # read by several calls of one model, whose whole frame has not repeated yet (oss.find)
+    young: frozenset = frozenset()
     _spans: dict = field(default_factory=dict, repr=False)
     _answered: tuple | None = field(default=None, repr=False)
 
@@ -102,7 +105,8 @@ class Program:
 
     @property
     def fingerprint(self) -> tuple:
-        return tuple((s.kind, s.key, s.roles, s.value) for s in self.steps)
+        """Equal for programs the replayer cannot tell apart (it compares keys with shapes erased)."""
+        return tuple((s.kind, s.ekey, s.roles, s.value) for s in self.steps)
 
     def spec(self) -> tuple[dict, list]:
         """The registration message (header fields, frames) for the server."""

@@ -34,6 +34,7 @@ from ..record import CONSTANT_BYTES, CPU, EXT, HOLES, IN, PERSIST, RNG, SEED, Ev
 from ..stats import Stats
 
 _STEP_MESSAGES = frozenset(("put", "get", "sync", "op", "free"))  # ("free": lop's message after its bands)
+PROVISIONAL_ITERATIONS = 8  # a program with young handles is replayed this long while the log goes on
 _REPLAY_HANDLES = 2**51  # handle range of replayed iterations (eager: from 1; server-named: 2**52)
 
 
@@ -89,6 +90,7 @@ class Replayer:
         # After a divergence the replayed steps are logged too, so that the sequence the app
         # runs now (another scalar, another model) can be found while the old one still half-matches.
         self.unstable = False
+        self._provisional = 0  # iterations left to a program with young handles (_search)
         self._folded: frozenset = frozenset()  # sync steps the program's next wait (a get) stands in for
         # lop (--mode lop): steps [1, skip_to) of this iteration ran as bands, not on the server;
         # ``reserve`` handles per iteration (band temporaries); ``on_diverge(pos)`` when the app
@@ -334,6 +336,9 @@ class Replayer:
         self.pos = 0
         self.skip_to = 0
         self._completed = True
+        if self._provisional:
+            self._provisional -= 1
+            self.unstable = self._provisional > 0  # (the log is cleared as the next iteration begins)
         self.stats.replayed_inferences += 1
         # the last step, if it is not a deferred op or answered ahead, is a message about to leave
         last = len(self.program.steps) - 1
@@ -368,8 +373,7 @@ class Replayer:
         if self.verbose:
             print("rrto: a tensor the replayed sequence reads was freed; recording again", file=sys.stderr, flush=True)
         self.program, self._persistent, self.pos = None, frozenset(), 0
-        self.unstable = False
-        self.log.clear()
+        self.unstable, self._provisional = False, 0  # (the log goes on: what it holds was the app's)
 
     def _still_held(self, reached: int) -> list:
         """Outputs of steps before ``reached`` the app was expected to drop and still holds."""
@@ -408,11 +412,12 @@ class Replayer:
             return
         fp = prog.fingerprint
         if self.program is not None and fp == self.program.fingerprint:
-            self.unstable = False
-            self.log.clear()
+            if not self._provisional:
+                self.unstable = False
+                self.log.clear()
             return  # the armed program again (after a divergence): keep it
-        if fp in self.refused:
-            return
+        if fp in self.refused or self._provisional and self.pos:
+            return  # (a provisional program is replaced between its iterations, not inside one)
         self.shared.pids += 1
         prog.pid = self.shared.pids
         old = self.program
@@ -430,8 +435,13 @@ class Replayer:
         self._drops, self._drops_said, self._freed, self._held = None, True, bytearray(), 0
         self._completed = False
         self.pos = 0
-        self.unstable = False
-        self.log.clear()
+        # Young persistent tensors (oss.find): perhaps this frame's input read by several calls,
+        # the frame not repeated yet. The log is kept and replayed steps go on being logged, so
+        # the frame is found once it repeats; for a few iterations, then a constant it was.
+        self._provisional = PROVISIONAL_ITERATIONS if prog.young else 0
+        self.unstable = bool(prog.young)
+        if not prog.young:
+            self.log.clear()
         s = self.stats
         s.sequence_found = True
         s.sequence_length = len(prog)
