@@ -113,6 +113,32 @@ def _depth_over(x: Any, limit: int) -> bool:
     return False
 
 
+# -- the layout both ends promise ------------------------------------------------
+
+_CONVOLUTIONS = frozenset(("aten::convolution", "aten::_convolution"))
+
+
+def cuda_layout(op, args, out):
+    """An op's output (from its meta kernel) in the memory format a CUDA device gives it.
+
+    Robot and server size every output with meta kernels, and the server makes each output
+    the layout the robot was promised. For a meta input torch's convolution answers
+    contiguous; cudnn (and the CPU's oneDNN) gives channels_last when the input or the
+    weight is. Promising that keeps a channels_last model channels_last on the server,
+    instead of a copy to contiguous after every convolution.
+    """
+    if op._schema.name not in _CONVOLUTIONS or not isinstance(out, torch.Tensor):
+        return out
+    fmt = torch.channels_last if out.dim() == 4 else torch.channels_last_3d if out.dim() == 5 else None
+    if fmt is None or out.is_contiguous(memory_format=fmt):
+        return out
+    for t in args[:2]:
+        if isinstance(t, torch.Tensor) and t.dim() == out.dim() and t.is_contiguous(memory_format=fmt) \
+                and not t.is_contiguous():
+            return out.contiguous(memory_format=fmt)
+    return out
+
+
 # -- tensors as frames ---------------------------------------------------------
 
 def contiguous_strides(shape) -> list[int]:

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import torch
 
+from rrto import codec
+
 # Activations are named although torch tags most of them pointwise: the tags vary between
 # versions (torch 2.11 leaves hardtanh_, MobileNet's ReLU6, untagged).
 ALLOWED = set("""
@@ -248,7 +250,7 @@ class SizeCheck:
         inputs = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
                   for t in flat_tensors([margs, list(mkwargs.values())], [])}
         try:
-            res = info.op(*margs, **mkwargs)
+            res = codec.cuda_layout(info.op, margs, info.op(*margs, **mkwargs))
         except Exception as e:  # noqa: BLE001 - any failure of a meta kernel means "cannot size-check"
             if info.data_dependent:
                 self._check_inputs(info, args, kwargs)

@@ -339,6 +339,31 @@ def test_a_model_called_several_times_on_one_upload_replays_the_whole_frame(serv
     assert s["messages_per_replayed_inference"] == 1 and s["replay_divergences"] == 0, s
 
 
+def test_a_channels_last_model_stays_channels_last(server):
+    """cudnn gives a convolution channels_last outputs when its input or weight is; the meta
+    kernel both ends size outputs with says contiguous. The robot sees torch's strides, and
+    the server, promised them, computes in that layout (no copy): bit-equal to local."""
+    xs = frames_of(16, 10)
+    cl = torch.channels_last
+
+    def step(i, dev, st):
+        if "net" not in st:
+            st["net"] = TinyNet().eval().to(dev).to(memory_format=cl)
+        net = st["net"]
+        with torch.no_grad():
+            x = xs[i].to(dev).to(memory_format=cl)
+            y = net.conv(x)
+            assert y.is_contiguous(memory_format=cl) and not y.is_contiguous(), y.stride()
+            z = torch.relu(net.bn(y))
+            assert z.stride() == y.stride()
+            return torch.cat([z.flatten(1), net(x)], 1).cpu()
+
+    local, _ = run_loop(step, 10, None)
+    remote, (replayed, s) = run_loop(step, 10, server.url)
+    assert_same(local, remote)
+    assert replayed_between(replayed, 4, 10) == 6, replayed
+
+
 def _normalised(xs, std_of):
     """An app that makes its constants on the device every frame (``std_of(i)``: frame i's std)."""
     def step(i, dev, st):

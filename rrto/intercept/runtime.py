@@ -391,7 +391,7 @@ class Runtime:
         margs = _to_meta(args, metas)
         mkwargs = {k: _to_meta(v, metas) for k, v in kwargs.items()}
         try:
-            res = func(*margs, **mkwargs)
+            res = codec.cuda_layout(func, margs, func(*margs, **mkwargs))
         except Exception as e:  # noqa: BLE001
             if isinstance(e, NotImplementedError) or "meta" in str(e).lower():
                 return Plan(name, server_shapes=True, uploads=uploads, nkey=name_key(OP, name),  # data decides
