@@ -124,19 +124,29 @@ def cuda_layout(op, args, out):
     Robot and server size every output with meta kernels, and the server makes each output
     the layout the robot was promised. For a meta input torch's convolution answers
     contiguous; cudnn (and the CPU's oneDNN) gives channels_last when the input or the
-    weight is. Promising that keeps a channels_last model channels_last on the server,
-    instead of a copy to contiguous after every convolution.
+    weight suggests it (``cudnn_conv_suggest_memory_format``): a model made channels_last. Promising that keeps a
+    channels_last model channels_last on the server, instead of a copy to contiguous after
+    every convolution.
     """
     if op._schema.name not in _CONVOLUTIONS or not isinstance(out, torch.Tensor):
         return out
-    fmt = torch.channels_last if out.dim() == 4 else torch.channels_last_3d if out.dim() == 5 else None
-    if fmt is None or out.is_contiguous(memory_format=fmt):
+    weight = args[1]
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(weight.dim())
+    if fmt is None or out.dim() != weight.dim() or torch.float64 in (args[0].dtype, weight.dtype) \
+            or out.is_contiguous(memory_format=fmt):
         return out
-    for t in args[:2]:
-        if isinstance(t, torch.Tensor) and t.dim() == out.dim() and t.is_contiguous(memory_format=fmt) \
-                and not t.is_contiguous():
-            return out.contiguous(memory_format=fmt)
+    # (An input's size-1 dims take no part: their strides address nothing, and meta kernels
+    # may give them other strides than a device's kernels, on which the suggestion turns.
+    # A batch of one made channels_last by a permute is one: torch suggests contiguous there.)
+    if _suggested_format(weight) == fmt or 1 not in args[0].shape and _suggested_format(args[0]) == fmt:
+        return out.contiguous(memory_format=fmt)
     return out
+
+
+def _suggested_format(t: torch.Tensor):
+    """``Tensor::suggest_memory_format`` (torch's C++ rule; Python has it only privately)."""
+    from torch._prims_common import suggest_memory_format
+    return suggest_memory_format(t)
 
 
 # -- tensors as frames ---------------------------------------------------------
