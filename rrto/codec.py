@@ -124,7 +124,7 @@ def cuda_layout(op, args, out):
     Robot and server size every output with meta kernels, and the server makes each output
     the layout the robot was promised. For a meta input torch's convolution answers
     contiguous; cudnn (and the CPU's oneDNN) gives channels_last when the input or the
-    weight suggests it (``cudnn_conv_suggest_memory_format``): a model made channels_last. Promising that keeps a
+    weight suggests it (``cudnn_conv_suggest_memory_format``). Promising that keeps a
     channels_last model channels_last on the server, instead of a copy to contiguous after
     every convolution.
     """

@@ -14,8 +14,10 @@ searched for a period L that repeated K times:
 
 A small upload whose bytes were the same in all K periods (a constant the app makes
 each frame) becomes a constant of the program, unless the replayer saw an upload of
-that signature change before (``varying``). Anything before the last K periods
-(weight uploads, warm-up, one-off calls) is never looked at. The adopted Program
+that signature change before (``varying``). A persistent tensor the app made inside the
+log (not a model's weights) may be this frame's input, read by each of several calls of
+a model: the longer period that makes it is preferred (``young``). Anything before the
+last K periods (weight uploads, warm-up, one-off calls) is never looked at. The adopted Program
 starts at the period's first upload that is not a constant, the natural start of an
 inference, when there is one.
 """
@@ -127,6 +129,7 @@ def _young(log: OpLog, roles: list) -> dict:
 
 
 def _made_by_the_app(log: OpLog, h: int) -> bool:
+    """Whether ``h`` comes, through the log's ops, from an upload or factory of the app's own."""
     todo, seen = [h], set()
     while todo:
         a = todo.pop()
